@@ -1,0 +1,301 @@
+"""Image I/O, bicubic resizing and the demo's RefSR pair.
+
+Images are float tensors ``[1, 3, H, W]`` with values in ``[0, 1]`` (RGB). :func:`demo_pair` builds a
+real reference-based super-resolution pair from the photo that matplotlib ships (``grace_hopper.jpg``,
+512x600 RGB), with a known geometric mapping from HR pixels to reference pixels so that matches can be
+checked against the truth.
+
+Pixel-coordinate convention (as in ``F.interpolate(..., align_corners=False)``): pixel ``i`` covers
+``[i, i + 1)`` and its centre is ``i + 0.5``; resizing a length ``n`` to ``m`` maps output pixel ``j`` to
+input coordinate ``(j + 0.5) * n / m - 0.5``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DemoPair",
+    "Geometry",
+    "bicubic_resize",
+    "demo_pair",
+    "load_image",
+    "sample_photo_path",
+    "save_image",
+]
+
+# PIL modes that convert to RGB without losing meaning. Alpha is composited onto white.
+_CONVERTIBLE_MODES = {
+    "RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV",
+}
+
+
+def sample_photo_path() -> str:
+    """Path of ``grace_hopper.jpg`` (512x600 RGB), the photo matplotlib ships as sample data."""
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file into a float32 tensor ``[1, 3, H, W]`` in ``[0, 1]``.
+
+    Greyscale (``L``, ``1``), palette (``P``), ``CMYK`` and ``YCbCr`` images are converted to RGB; images
+    with an alpha channel (``RGBA``, ``LA``, ``PA``) are composited onto a white background.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not an image PIL can read, or its mode (e.g. 16-bit or float ``I``/``F``)
+            has no faithful 8-bit RGB conversion.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_image: no such file: {path!r}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode not in _CONVERTIBLE_MODES:
+                raise ValueError(
+                    f"load_image: {path!r} has PIL mode {mode!r}, which has no faithful 8-bit RGB "
+                    "conversion; convert it to RGB, RGBA or L first"
+                )
+            if mode in ("RGBA", "LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, rgba).convert("RGB")
+            else:
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8).copy()
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"load_image: {path!r} is not an image file PIL can read") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def _as_chw(img: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(img, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(img).__name__}")
+    if img.dim() == 4:
+        if img.shape[0] != 1:
+            raise ValueError(f"{name}: expected one image [1, C, H, W], got batch of {img.shape[0]}")
+        img = img[0]
+    if img.dim() == 2:
+        img = img.unsqueeze(0)
+    if img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(
+            f"{name}: expected [1, 3, H, W], [3, H, W], [1, H, W] or [H, W], got {list(img.shape)}"
+        )
+    return img
+
+
+def save_image(img: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write an image tensor (``[1, 3, H, W]``, ``[3, H, W]``, ``[1, H, W]`` or ``[H, W]``, values in
+    ``[0, 1]``, clipped) to ``path``; the format follows the extension (PNG recommended). Parent
+    directories are created."""
+    from PIL import Image
+
+    chw = _as_chw(img, "save_image").detach().to("cpu", torch.float32)
+    arr = (chw.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+
+
+def bicubic_resize(
+    img: torch.Tensor,
+    size: int | tuple[int, int] | None = None,
+    *,
+    scale: float | None = None,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """Bicubic resize of ``img`` ``[B, C, H, W]`` to ``size`` (``(H', W')`` or an int for both) or by
+    ``scale`` (output size ``round(H * scale), round(W * scale)``); exactly one of the two.
+
+    Antialiased (``antialias=True``, i.e. the bicubic kernel is stretched, as PIL and MATLAB's
+    ``imresize`` do) along any axis that shrinks; plain bicubic interpolation when enlarging. With
+    ``clamp`` the bicubic overshoot is clipped to ``[0, 1]`` (images); turn it off for feature maps.
+    """
+    if not isinstance(img, torch.Tensor) or img.dim() != 4:
+        got = list(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"bicubic_resize: expected a [B, C, H, W] tensor, got {got}")
+    if not img.is_floating_point():
+        raise TypeError(f"bicubic_resize: expected a floating-point tensor, got {img.dtype}")
+    if (size is None) == (scale is None):
+        raise ValueError("bicubic_resize: give exactly one of size and scale")
+    h, w = img.shape[-2:]
+    if size is None:
+        if not scale > 0:
+            raise ValueError(f"bicubic_resize: scale must be > 0, got {scale}")
+        out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+    elif isinstance(size, int):
+        out_h = out_w = size
+    else:
+        out_h, out_w = (int(s) for s in size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"bicubic_resize: output size must be positive, got {(out_h, out_w)}")
+    if (out_h, out_w) == (h, w):
+        return img.clone()
+    antialias = out_h < h or out_w < w
+    work = img if img.dtype in (torch.float32, torch.float64) else img.float()
+    out = F.interpolate(work, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=antialias)
+    if clamp:
+        out = out.clamp(0.0, 1.0)
+    return out.to(img.dtype)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Known mapping from HR-crop pixel coordinates to reference pixel coordinates, per axis:
+    ``ref = scale * hr + shift`` with ``(y, x)`` order and coordinates in pixel-index units
+    (pixel ``i`` is centred at index ``i``)."""
+
+    scale: tuple[float, float]
+    shift: tuple[float, float]
+
+    def hr_to_ref(self, coords: torch.Tensor) -> torch.Tensor:
+        """Map ``[..., 2]`` HR ``(y, x)`` coordinates to reference coordinates (float)."""
+        s = torch.tensor(self.scale, dtype=torch.float64, device=coords.device)
+        t = torch.tensor(self.shift, dtype=torch.float64, device=coords.device)
+        return (coords.to(torch.float64) * s + t).to(torch.float32)
+
+    def ref_to_hr(self, coords: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`hr_to_ref`."""
+        s = torch.tensor(self.scale, dtype=torch.float64, device=coords.device)
+        t = torch.tensor(self.shift, dtype=torch.float64, device=coords.device)
+        return ((coords.to(torch.float64) - t) / s).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class DemoPair:
+    """A RefSR pair cut from one photo. All images are ``[1, 3, *, *]`` float32 in ``[0, 1]``.
+
+    Attributes:
+        hr: the HR crop (ground truth), ``hr_size x hr_size``.
+        lr: ``hr`` bicubic-downsampled 4x (antialiased).
+        lr_up: ``lr`` bicubic-upsampled 4x, the matcher's query image (HR size).
+        ref: the reference, an overlapping crop of the same photo after rescaling it by ``ref_scale``.
+        ref_blur: ``ref`` down 4x then up 4x: the same blur domain as ``lr_up``, the matcher's reference.
+        geometry: HR pixel -> reference pixel mapping (:class:`Geometry`).
+        hr_origin: ``(y, x)`` of the HR crop's top-left pixel in the photo.
+        ref_origin: ``(y, x)`` of the reference's top-left pixel in the photo rescaled by ``ref_scale``.
+        ref_scale: the reference's scale relative to the HR crop (actual per-axis scales are in
+            ``geometry.scale``; they differ from it by rounding of the rescaled photo's size).
+        source: path of the photo.
+    """
+
+    hr: torch.Tensor
+    lr: torch.Tensor
+    lr_up: torch.Tensor
+    ref: torch.Tensor
+    ref_blur: torch.Tensor
+    geometry: Geometry
+    hr_origin: tuple[int, int]
+    ref_origin: tuple[int, int]
+    ref_scale: float
+    source: str
+    scale_factor: int = 4
+
+    def true_positions(self) -> torch.Tensor:
+        """``[H, W, 2]`` float32: the true reference ``(y, x)`` of every HR pixel (may lie outside the
+        reference where the crops do not overlap)."""
+        h, w = self.hr.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return self.geometry.hr_to_ref(torch.stack([ys, xs], dim=-1))
+
+    def overlap_mask(self, margin: float = 1.0) -> torch.Tensor:
+        """``[H, W]`` bool: HR pixels whose true reference position lies inside the reference, at least
+        ``margin`` pixels from its border (``margin=1`` keeps whole 3x3 patches inside)."""
+        hr_, wr = self.ref.shape[-2:]
+        p = self.true_positions()
+        return (
+            (p[..., 0] >= margin)
+            & (p[..., 0] <= hr_ - 1 - margin)
+            & (p[..., 1] >= margin)
+            & (p[..., 1] <= wr - 1 - margin)
+        )
+
+
+def demo_pair(
+    hr_size: int = 256,
+    *,
+    ref_size: int | None = None,
+    ref_scale: float = 0.8,
+    shift: tuple[float, float] = (0.15, -0.2),
+    center: tuple[int, int] = (230, 260),
+    scale_factor: int = 4,
+    path: str | os.PathLike | None = None,
+) -> DemoPair:
+    """Build the demo's RefSR pair from one photo (default: matplotlib's ``grace_hopper.jpg``).
+
+    The HR crop is ``hr_size x hr_size`` photo pixels centred on ``center`` (photo ``(y, x)``; the
+    default is Grace Hopper's face). The reference is a ``ref_size x ref_size`` crop (default
+    ``hr_size``) of the photo bicubic-rescaled by ``ref_scale`` (antialiased when shrinking): its window
+    starts centred on the HR crop's centre and is then moved by ``shift = (dy, dx)`` times ``ref_size``
+    pixels, so the two crops overlap only partly, at different scales. Windows are clamped to the photo;
+    the returned :class:`Geometry` is computed from the actual windows, so it is exact either way.
+
+    ``lr`` is ``hr`` bicubic-downsampled by ``scale_factor``, ``lr_up`` its bicubic upsampling back, and
+    ``ref_blur`` the reference down and up by the same factor (RefSR matches ``lr_up`` against
+    ``ref_blur``, both in the same blur domain). Deterministic.
+    """
+    ref_size = hr_size if ref_size is None else ref_size
+    for name, v in (("hr_size", hr_size), ("ref_size", ref_size)):
+        if not isinstance(v, int) or v < 4 * scale_factor or v % scale_factor:
+            raise ValueError(
+                f"demo_pair: {name} must be a multiple of {scale_factor} and >= {4 * scale_factor}, got {v}"
+            )
+    if not 0.25 <= ref_scale <= 4.0:
+        raise ValueError(f"demo_pair: ref_scale must be in [0.25, 4], got {ref_scale}")
+    source = os.fspath(path) if path is not None else sample_photo_path()
+    photo = load_image(source)
+    ph, pw = photo.shape[-2:]
+    if hr_size > min(ph, pw):
+        raise ValueError(f"demo_pair: hr_size {hr_size} exceeds the photo ({ph}x{pw})")
+
+    def window(c: float, size: int, limit: int) -> int:
+        return int(min(max(round(c - size / 2), 0), limit - size))
+
+    hy, hx = window(center[0], hr_size, ph), window(center[1], hr_size, pw)
+    hr = photo[..., hy : hy + hr_size, hx : hx + hr_size].contiguous()
+
+    scaled = bicubic_resize(photo, scale=ref_scale)
+    sh, sw = scaled.shape[-2:]
+    if ref_size > min(sh, sw):
+        raise ValueError(f"demo_pair: ref_size {ref_size} exceeds the rescaled photo ({sh}x{sw})")
+    sy, sx = sh / ph, sw / pw  # actual per-axis scales after rounding
+    # photo coordinate p -> rescaled coordinate (p + 0.5) * s - 0.5
+    cy = (hy + (hr_size - 1) / 2 + 0.5) * sy - 0.5
+    cx = (hx + (hr_size - 1) / 2 + 0.5) * sx - 0.5
+    ry = window(cy + 0.5 + shift[0] * ref_size, ref_size, sh)
+    rx = window(cx + 0.5 + shift[1] * ref_size, ref_size, sw)
+    ref = scaled[..., ry : ry + ref_size, rx : rx + ref_size].contiguous()
+
+    # HR pixel i -> photo hy + i -> rescaled (hy + i + 0.5) * s - 0.5 -> reference that minus ry
+    geometry = Geometry(
+        scale=(sy, sx),
+        shift=((hy + 0.5) * sy - 0.5 - ry, (hx + 0.5) * sx - 0.5 - rx),
+    )
+    f = scale_factor
+    lr = bicubic_resize(hr, (hr_size // f, hr_size // f))
+    lr_up = bicubic_resize(lr, (hr_size, hr_size))
+    ref_blur = bicubic_resize(bicubic_resize(ref, (ref_size // f, ref_size // f)), (ref_size, ref_size))
+    return DemoPair(
+        hr=hr,
+        lr=lr,
+        lr_up=lr_up,
+        ref=ref,
+        ref_blur=ref_blur,
+        geometry=geometry,
+        hr_origin=(hy, hx),
+        ref_origin=(ry, rx),
+        ref_scale=float(ref_scale),
+        source=source,
+        scale_factor=f,
+    )
