@@ -48,6 +48,10 @@ POISON_OUTPUTS = False
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The interpreter (triton 3.6) multiplies the raw uint16 storage of bf16 operands in tl.dot; there the
+# operands are widened to fp32 first, which gives the same exact products and fp32 accumulation.
+_BF16_DOT_AS_FP32 = tl.constexpr(_INTERPRET)
+
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS:
@@ -99,6 +103,8 @@ def _load_corners(x_c, h_lo, w_lo, sxh, sxw, ok_h0, ok_h1, ok_w0, ok_w1, lanes):
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc += a @ b with fp32 accumulation; fp32 operands use exact (IEEE) products, not TF32, as
     PyTorch's default matmul does."""
+    if _BF16_DOT_AS_FP32 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
