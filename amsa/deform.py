@@ -96,7 +96,8 @@ def _check(
         raise ValueError(f"deform_conv2d: offset groups G={G} (from offset) must divide Cin={C}")
     if mask is not None and _shape(mask) != [B, G * kk, ho, wo]:
         raise ValueError(
-            f"deform_conv2d: mask must be [B, G*kh*kw, Ho, Wo] = [{B}, {G * kk}, {ho}, {wo}], got {_shape(mask)}"
+            f"deform_conv2d: mask must be [B, G*kh*kw, Ho, Wo] = [{B}, {G * kk}, {ho}, {wo}], "
+            f"got {_shape(mask)}"
         )
     if bias is not None and _shape(bias) != [Cout]:
         raise ValueError(f"deform_conv2d: bias must be [Cout] = [{Cout}], got {_shape(bias)}")
@@ -139,7 +140,8 @@ def deform_conv2d(
     Returns:
         [B, Cout, Ho, Wo], differentiable in input, offset, mask, weight and bias.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    dilation = _pair(dilation, "dilation")
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
     if backend == "auto":
         use_triton = _kernels is not None and input.is_cuda and input.dtype in _kernels.KERNEL_DTYPES
@@ -277,7 +279,8 @@ class ModulatedDeformConv2d(nn.Module):
         self.dilation = _pair(dilation, "dilation")
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
 
@@ -288,7 +291,9 @@ class ModulatedDeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
             backend=self.backend,

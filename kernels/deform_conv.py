@@ -128,7 +128,8 @@ def _sample_tile(
         ch = og * KK + k
         dy = tl.load(off_p + (2 * ch) * soc, mask=p_ok, other=0.0).to(tl.float32)
         dx = tl.load(off_p + (2 * ch + 1) * soc, mask=p_ok, other=0.0).to(tl.float32)
-        h_lo, w_lo, lh, lw, ok_h0, ok_h1, ok_w0, ok_w1 = _bilinear_corners(base_h + dy, base_w + dx, H, W, p_ok)
+        corners = _bilinear_corners(base_h + dy, base_w + dx, H, W, p_ok)
+        h_lo, w_lo, lh, lw, ok_h0, ok_h1, ok_w0, ok_w1 = corners
         v00, v01, v10, v11 = _load_corners(x_c, h_lo, w_lo, sxh, sxw, ok_h0, ok_h1, ok_w0, ok_w1, lanes)
         hh = 1.0 - lh
         hw = 1.0 - lw
@@ -339,11 +340,11 @@ def _deform_conv_bwd_data_kernel(
             if NEED_GRAD_INPUT:
                 gm_col = gcol * m[:, None]
                 gx_c = gx_b + c[None, :] * (H * W) + o_gx
-                lanes = c_ok[None, :]
-                tl.atomic_add(gx_c, (hh * hw)[:, None] * gm_col, mask=(ok_h0 & ok_w0)[:, None] & lanes)
-                tl.atomic_add(gx_c + 1, (hh * lw)[:, None] * gm_col, mask=(ok_h0 & ok_w1)[:, None] & lanes)
-                tl.atomic_add(gx_c + W, (lh * hw)[:, None] * gm_col, mask=(ok_h1 & ok_w0)[:, None] & lanes)
-                tl.atomic_add(gx_c + W + 1, (lh * lw)[:, None] * gm_col, mask=(ok_h1 & ok_w1)[:, None] & lanes)
+                ln = c_ok[None, :]
+                tl.atomic_add(gx_c, (hh * hw)[:, None] * gm_col, mask=(ok_h0 & ok_w0)[:, None] & ln)
+                tl.atomic_add(gx_c + 1, (hh * lw)[:, None] * gm_col, mask=(ok_h0 & ok_w1)[:, None] & ln)
+                tl.atomic_add(gx_c + W, (lh * hw)[:, None] * gm_col, mask=(ok_h1 & ok_w0)[:, None] & ln)
+                tl.atomic_add(gx_c + W + 1, (lh * lw)[:, None] * gm_col, mask=(ok_h1 & ok_w1)[:, None] & ln)
 
         goff = goff_ptr + (b * N_OGROUPS * KK * 2 + 2 * ch) * (HO * WO) + offs_p
         tl.store(goff, (g_dh * m).to(goff_ptr.dtype.element_ty), mask=p_ok)
@@ -365,7 +366,8 @@ def _deform_conv_bwd_weight_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """gw[s, g*COUT_PER_G + n, c, k] = sum_{(b, p-tile) = s, s + SPLIT, ...} grad_out[b, ., p] * col[b, ., k, p].
+    """gw[s, g*COUT_PER_G + n, c, k] = sum over (b, p-tile) numbers s, s + SPLIT, ... of
+    grad_out[b, g*COUT_PER_G + n, p] * col[b, g*C_PER_G + c, k, p].
 
     go [B, Cout, HO, WO], x, offset, mask strided; gw [SPLIT, Cout, C_PER_G, KK] fp32 contiguous, summed
     over SPLIT by the launcher. Grid: N_GROUPS * n-tiles * KK * c-tiles * SPLIT; every element of gw is
@@ -452,7 +454,11 @@ def _c_block(c: int) -> int:
 
 
 def _n_block(n: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(n)))
+    """Smallest power of two >= n within [16, 64] (plain comparisons: also fine for SymInts)."""
+    block = 16
+    while block < n and block < 64:
+        block *= 2
+    return block
 
 
 @triton_op("amsa::deform_conv2d_fwd", mutates_args=())
@@ -476,7 +482,8 @@ def deform_conv2d_fwd(
     msk, smb, smc, smh, smw, has_mask = _mask_args(mask, offset)
 
     def grid(meta):
-        return (B * groups * triton.cdiv(HO * WO, meta["BLOCK_P"]) * triton.cdiv(cout_per_g, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(HO * WO, meta["BLOCK_P"]) * triton.cdiv(cout_per_g, meta["BLOCK_N"])
+        return (B * groups * tiles,)
 
     wrap_triton(_deform_conv_fwd_kernel)[grid](
         input, offset, msk, wt, bias if bias is not None else wt, out,
@@ -586,3 +593,34 @@ def _backward(ctx, grad_out: torch.Tensor):
 
 
 deform_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fwd_fake(input, offset, mask, weight, bias, *conv) -> torch.Tensor:
+    B, _, _, _, HO, WO, Cout, *_ = _geometry(input, offset, weight)
+    return input.new_empty((B, Cout, HO, WO))
+
+
+def _bwd_fake(grad_out, input, offset, mask, weight, *conv_and_needs) -> tuple:
+    need_input, need_offset_mask, need_weight = conv_and_needs[-3:]
+    empty = input.new_empty((0,))
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else empty,
+        offset.new_empty(offset.shape) if need_offset_mask else empty,
+        mask.new_empty(mask.shape) if need_offset_mask and mask is not None else empty,
+        weight.new_empty(weight.shape) if need_weight else empty,
+        grad_out.new_empty((weight.shape[0],)),
+    )
+
+
+if _INTERPRET:
+    # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel unwrapped, so the ops' bodies
+    # cannot be traced with fake tensors. There the ops stay opaque to tracing (explicit fake kernels, no
+    # decomposition under functionalization) and run eagerly; on GPU, triton_op's tracing is used.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def _keep_opaque(mode, op, types, args, kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+    for _op, _fake in ((deform_conv2d_fwd, _fwd_fake), (deform_conv2d_bwd, _bwd_fake)):
+        _op.register_fake(_fake)
+        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
