@@ -157,7 +157,7 @@ def deform_conv2d(
         use_triton = False
     else:
         raise ValueError(f"deform_conv2d: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if use_triton:
+    if use_triton and input.shape[0] > 0:
         return _kernels.deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
     return deform_conv2d_torch(input, offset, weight, bias, stride, padding, dilation, mask)
 
