@@ -107,6 +107,11 @@ def _check_features(x, name: str) -> None:
         raise ValueError(f"{name} must have batch and channels > 0, got shape {tuple(x.shape)}")
     if x.shape[2] < 3 or x.shape[3] < 3:
         raise ValueError(f"{name} must be at least 3x3 (one 3x3 patch), got {tuple(x.shape[2:])}")
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """NaN/Inf features raise: the cosine of such patches is undefined. The check syncs the device once per
+    call; under torch.compile it is skipped, and a non-finite candidate then never wins (NaN > s is false)."""
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name} contains NaN or Inf; cosine similarity is undefined for such patches "
@@ -242,9 +247,14 @@ def _pad_flat(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 features (reference checks and gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def patch_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_j|| of every 3x3 patch (zero padding) in fp32: [B, C, h, w] -> [B, h, w]."""
-    sq = x.float().square().sum(1, keepdim=True)
+    """||x_j|| of every 3x3 patch (zero padding), accumulated in fp32: [B, C, h, w] -> [B, h, w]."""
+    sq = x.to(_acc_dtype(x)).square().sum(1, keepdim=True)
     return (F.avg_pool2d(sq, 3, stride=1, padding=1, count_include_pad=True) * 9).clamp_min(0).sqrt()[:, 0]
 
 
@@ -280,7 +290,8 @@ class _TorchLevel:
         n, m = rcentre.shape
         q = self.qrows.index_select(0, (qcentre[:, None] + self.qtaps).reshape(-1)).view(n, -1, 1)
         r = self.rrows.index_select(0, (rcentre[..., None] + self.rtaps).reshape(-1)).view(n, m, -1)
-        dot = torch.bmm(r.float(), q.float())[..., 0]
+        acc = _acc_dtype(self.qrows)
+        dot = torch.bmm(r.to(acc), q.to(acc))[..., 0]
         den = self.qnorm[qcentre][:, None] * self.rnorm[rcentre]
         return torch.where(den > 0, dot / den.clamp_min(1e-30), torch.zeros_like(dot)).clamp(-1.0, 1.0)
 
@@ -299,8 +310,8 @@ class _TorchLevel:
         # LR propagation candidates: the neighbours' matches (offset-corrected: minus the displacement).
         big = max(hq, wq) * k + 1
         padded = F.pad(pos.permute(0, 3, 1, 2), (k, k, k, k), value=-big)  # sentinel: outside the grid
-        cand = torch.stack([padded[:, :, k + dy : k + dy + hq, k + dx : k + dx + wq]
-                            for dy, dx in d.tolist()], dim=-1)  # [B, 2, hq, wq, 8]
+        cand = torch.stack([padded[:, :, k + k * dy : k + k * dy + hq, k + k * dx : k + k * dx + wq]
+                            for dy, dx in NEIGHBOURS], dim=-1)  # [B, 2, hq, wq, 8]
         valid = cand[:, 0] > -big
         cy, cx = cand[:, 0], cand[:, 1]
         if offset_corrected:
@@ -416,6 +427,9 @@ def cfe_patchmatch(
     r_levels = [_levels(r, len(iters), f"ref[{i}]" if many else "ref") for i, r in enumerate(refs)]
     for i, rl in enumerate(r_levels):
         _check_pair(q_levels[-1], rl[-1], "query", f"ref[{i}]" if many else "ref")
+    for i, lv in enumerate([q_levels, *r_levels]):
+        for x in lv if isinstance([query, *refs][i], Pyramid) else lv[-1:]:
+            _check_finite(x, "query" if i == 0 else (f"ref[{i - 1}]" if many else "ref"))
     backend = _resolve_backend(backend, q_levels[-1].device)
     B = q_levels[-1].shape[0]
     C = q_levels[-1].shape[1]
@@ -478,6 +492,8 @@ def enumerated_match(query: torch.Tensor, ref, *, chunk: int | None = None):
         name = f"ref[{i}]" if many else "ref"
         _check_features(r, name)
         _check_pair(query, r, "query", name)
+    for i, x in enumerate([query, *refs]):
+        _check_finite(x, "query" if i == 0 else (f"ref[{i - 1}]" if many else "ref"))
     out = [_enumerated_one(query, r, chunk) for r in refs]
     return out if many else out[0]
 
@@ -526,6 +542,8 @@ def patch_similarity(query: torch.Tensor, ref: torch.Tensor, pos: torch.Tensor) 
     _check_features(query, "query")
     _check_features(ref, "ref")
     _check_pair(query, ref, "query", "ref")
+    _check_finite(query, "query")
+    _check_finite(ref, "ref")
     _check_positions(pos, "pos", query.shape[0], tuple(query.shape[-2:]), tuple(ref.shape[-2:]),
                      query.device)
     return _TorchLevel(query, ref).score_positions(pos.to(torch.int64))

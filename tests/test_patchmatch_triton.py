@@ -1,0 +1,103 @@
+"""The fused Triton kernels against the PyTorch path: on CUDA when present, else on CPU under
+TRITON_INTERPRET=1 (set in conftest.py) at tiny shapes. Outputs are poisoned before the kernels write them."""
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE
+from patchmatch_ref import similarity64, smooth_features
+
+import amsa
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    import kernels.patchmatch as kp
+
+    monkeypatch.setattr(kp, "POISON_OUTPUTS", True)
+
+
+def _both(q, r, **kw):
+    t = amsa.cfe_patchmatch(q, r, backend="torch", **kw)
+    k = amsa.cfe_patchmatch(q, r, backend="triton", **kw)
+    return t, k
+
+
+def _same(t, k, atol=2e-6):
+    assert torch.equal(t.pos, k.pos)
+    torch.testing.assert_close(t.score, k.score, atol=atol, rtol=0)
+    assert t.flops == k.flops
+
+
+@pytest.mark.parametrize("offset_corrected", [False, True])
+def test_triton_step_equals_torch_batch_odd_sizes(offset_corrected):
+    q = torch.randn(2, 5, 13, 11, device=TRITON_DEVICE)
+    r = torch.randn(2, 5, 9, 14, device=TRITON_DEVICE)
+    t, k = _both(q, r, iters=(1, 2), seed=4, offset_corrected=offset_corrected, history=True)
+    _same(t, k)
+    for a, b in zip(t.history, k.history):
+        assert torch.equal(a.pos, b.pos)
+    torch.testing.assert_close(k.score.double().cpu(), similarity64(q.cpu(), r.cpu(), k.pos.cpu()),
+                               atol=1e-5, rtol=0)
+
+
+def test_triton_multi_reference_one_launch_equals_torch():
+    q = smooth_features(1, 3, 12, 13, seed=1).to(TRITON_DEVICE)
+    refs = [smooth_features(1, 3, h, w, seed=2 + i).to(TRITON_DEVICE)
+            for i, (h, w) in enumerate([(12, 13), (7, 9), (9, 6)])]
+    ts = amsa.cfe_patchmatch(q, refs, iters=(1, 1), backend="torch")
+    ks = amsa.cfe_patchmatch(q, refs, iters=(1, 1), backend="triton")
+    for t, k in zip(ts, ks):
+        _same(t, k)
+
+
+def test_triton_non_contiguous_and_channels_last():
+    q = torch.randn(1, 4, 11, 10, device=TRITON_DEVICE).transpose(2, 3)
+    r = torch.randn(1, 4, 9, 12, device=TRITON_DEVICE).to(memory_format=torch.channels_last)
+    _same(*_both(q, r, iters=(2,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    q = torch.randn(1, 6, 9, 10, device=TRITON_DEVICE).to(dtype)
+    r = torch.randn(1, 6, 11, 9, device=TRITON_DEVICE).to(dtype)
+    _same(*_both(q, r, iters=(1,)), atol=5e-6)  # both accumulate the same rounded inputs in fp32
+
+
+def test_triton_zero_patches_and_borders():
+    q = torch.randn(1, 3, 10, 10, device=TRITON_DEVICE)
+    r = torch.randn(1, 3, 10, 10, device=TRITON_DEVICE)
+    q[..., :4, :4] = 0
+    r[..., 5:, 5:] = 0
+    t, k = _both(q, r, iters=(1,))
+    _same(t, k)
+    assert (k.score[0, :3, :3] == 0).all()
+
+
+def test_patch_score_kernel_equals_reference():
+    from kernels.patchmatch import TritonLevel
+
+    q = torch.randn(2, 7, 8, 9, device=TRITON_DEVICE)
+    refs = [torch.randn(2, 7, 6, 11, device=TRITON_DEVICE), torch.randn(2, 7, 9, 5, device=TRITON_DEVICE)]
+    pos = torch.stack([torch.stack([torch.randint(0, r.shape[2], (2, 8, 9)),
+                                    torch.randint(0, r.shape[3], (2, 8, 9))], -1) for r in refs])
+    s = TritonLevel(q, refs).score_positions(pos.to(TRITON_DEVICE))
+    assert not s.isnan().any()
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(s[i].double().cpu(), similarity64(q.cpu(), r.cpu(), pos[i]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_triton_ops_pass_opcheck():
+    from kernels.patchmatch import TritonLevel, patchmatch_step
+
+    q = torch.randn(1, 3, 6, 5, device=TRITON_DEVICE)
+    lv = TritonLevel(q, [torch.randn(1, 3, 7, 6, device=TRITON_DEVICE)])
+    pos = torch.stack([torch.randint(0, 7, (1, 1, 6, 5)), torch.randint(0, 6, (1, 1, 6, 5))], -1)
+    pos = pos.to(TRITON_DEVICE)
+    score = lv.score_positions(pos)
+    # The interpreter would run the kernel on fake tensors, so the fake-tensor check needs a GPU.
+    checks = ("test_schema", "test_faketensor") if TRITON_DEVICE == "cuda" else ("test_schema",)
+    torch.library.opcheck(patchmatch_step, (lv.query, lv.qnorm, lv.ref, lv.rnorm, lv.ref_meta, pos, score,
+                                            1, 0), test_utils=checks)
