@@ -137,11 +137,18 @@ def deform_conv2d(
         backend: "auto" (Triton for CUDA tensors of dtype fp32/fp16/bf16, PyTorch otherwise), "triton"
             (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "torch".
 
+    Under ``torch.autocast`` all tensors are cast to the autocast dtype.
+
     Returns:
         [B, Cout, Ho, Wo], differentiable in input, offset, mask, weight and bias.
     """
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
     dilation = _pair(dilation, "dilation")
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        # Under autocast, run in the autocast dtype (torchvision instead upcasts to fp32).
+        dt = torch.get_autocast_dtype(input.device.type)
+        cast = lambda t: None if t is None else t.to(dt)
+        input, offset, weight, bias, mask = (cast(t) for t in (input, offset, weight, bias, mask))
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
     if backend == "auto":
         use_triton = _kernels is not None and input.is_cuda and input.dtype in _kernels.KERNEL_DTYPES

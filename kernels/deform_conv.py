@@ -342,11 +342,18 @@ def _deform_conv_bwd_data_kernel(
             if NEED_GRAD_INPUT:
                 gm_col = gcol * m[:, None]
                 gx_c = gx_b + c[None, :] * (H * W) + o_gx
+                # Pure accumulation, read by nobody before the kernel ends: relaxed ordering suffices.
                 ln = c_ok[None, :]
-                tl.atomic_add(gx_c, (hh * hw)[:, None] * gm_col, mask=(ok_h0 & ok_w0)[:, None] & ln)
-                tl.atomic_add(gx_c + 1, (hh * lw)[:, None] * gm_col, mask=(ok_h0 & ok_w1)[:, None] & ln)
-                tl.atomic_add(gx_c + W, (lh * hw)[:, None] * gm_col, mask=(ok_h1 & ok_w0)[:, None] & ln)
-                tl.atomic_add(gx_c + W + 1, (lh * lw)[:, None] * gm_col, mask=(ok_h1 & ok_w1)[:, None] & ln)
+                top = hh[:, None] * gm_col
+                bot = lh[:, None] * gm_col
+                ok_t0 = (ok_h0 & ok_w0)[:, None] & ln
+                ok_t1 = (ok_h0 & ok_w1)[:, None] & ln
+                ok_b0 = (ok_h1 & ok_w0)[:, None] & ln
+                ok_b1 = (ok_h1 & ok_w1)[:, None] & ln
+                tl.atomic_add(gx_c, hw[:, None] * top, mask=ok_t0, sem="relaxed")
+                tl.atomic_add(gx_c + 1, lw[:, None] * top, mask=ok_t1, sem="relaxed")
+                tl.atomic_add(gx_c + W, hw[:, None] * bot, mask=ok_b0, sem="relaxed")
+                tl.atomic_add(gx_c + W + 1, lw[:, None] * bot, mask=ok_b1, sem="relaxed")
 
         goff = goff_ptr + (b * N_OGROUPS * KK * 2 + 2 * ch) * (HO * WO) + offs_p
         tl.store(goff, (g_dh * m).to(goff_ptr.dtype.element_ty), mask=p_ok)

@@ -288,6 +288,15 @@ def test_bad_input_names_argument(change, match):
         )
 
 
+def test_autocast_runs_in_autocast_dtype():
+    t, conv = make_problem("3x3", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(deform_conv2d, t, conv)["out"]
+    assert out.dtype == torch.bfloat16
+    want = run(deform_conv2d_torch, {n: v.bfloat16() for n, v in t.items()}, conv)["out"]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_compile_fullgraph_torch_path():
     t, conv = make_problem("3x3", dtype=torch.float32)
     fn = lambda x, o, w, b, m: deform_conv2d(x, o, w, b, 1, 1, 1, m, backend="torch")
