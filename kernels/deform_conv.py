@@ -530,8 +530,8 @@ def deform_conv2d_bwd(
     dev = input.device
     msk, smb, smc, smh, smw, has_mask = _mask_args(mask, offset)
     convs = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
-    empty = input.new_empty((0,))
-    grad_input, grad_offset, grad_mask, grad_weight = empty, empty, empty, empty
+    # Distinct empty tensors: outputs of a custom op must not alias each other.
+    grad_input, grad_offset, grad_mask, grad_weight = (input.new_empty((0,)) for _ in range(4))
 
     if need_input or need_offset_mask:
         wt = _permuted_weight(weight, groups)
@@ -613,12 +613,12 @@ def _fwd_fake(input, offset, mask, weight, bias, *conv) -> torch.Tensor:
 
 def _bwd_fake(grad_out, input, offset, mask, weight, *conv_and_needs) -> tuple:
     need_input, need_offset_mask, need_weight = conv_and_needs[-3:]
-    empty = input.new_empty((0,))
+    empty = lambda: input.new_empty((0,))
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else empty,
-        offset.new_empty(offset.shape) if need_offset_mask else empty,
-        mask.new_empty(mask.shape) if need_offset_mask and mask is not None else empty,
-        weight.new_empty(weight.shape) if need_weight else empty,
+        torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else empty(),
+        offset.new_empty(offset.shape) if need_offset_mask else empty(),
+        mask.new_empty(mask.shape) if need_offset_mask and mask is not None else empty(),
+        weight.new_empty(weight.shape) if need_weight else empty(),
         grad_out.new_empty((weight.shape[0],)),
     )
 

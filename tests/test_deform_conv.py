@@ -415,11 +415,13 @@ def test_opcheck_forward():
 def test_opcheck_backward():
     t, _, args = _op_args(TRITON_DEVICE, False)
     gout = torch.randn(1, 6, 4, 4, device=TRITON_DEVICE)
-    bwd_args = (gout, *args[:4], *args[5:], 1, 1, 1)
-    torch.library.opcheck(
-        torch.ops.amsa.deform_conv2d_bwd.default, bwd_args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
+    x, offset, mask, weight = args[:4]
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for bwd_args in (
+        (gout, x, offset, mask, weight, *args[5:], 1, 1, 1),
+        (gout, x, offset, None, weight, *args[5:], 0, 1, 0),  # no mask, only grad_offset requested
+    ):
+        torch.library.opcheck(torch.ops.amsa.deform_conv2d_bwd.default, bwd_args, test_utils=utils)
 
 
 @needs_triton
