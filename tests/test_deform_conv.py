@@ -480,6 +480,23 @@ def test_gpu_matches_torchvision():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_beyond_int32_indexing():
+    """Input with more than 2**31 elements (about 11 GB of GPU memory in all): the last pixels are right."""
+    H = W = 33000
+    x = torch.randn(1, 2, H, W, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    offset = torch.zeros(1, 2, H, W, device="cuda", dtype=torch.float16)
+    offset[0, 1, -1, -2] = 0.5  # last row: halfway between the last two pixels
+    weight = torch.tensor([1.0, -2.0], device="cuda", dtype=torch.float16).reshape(1, 2, 1, 1)
+    out = deform_conv2d(x, offset, weight)
+    want = x[0, 0, -1, -4:].float() - 2 * x[0, 1, -1, -4:].float()
+    want[-2] = (x[0, 0, -1, -2:].float().mean() - 2 * x[0, 1, -1, -2:].float().mean())
+    torch.testing.assert_close(out[0, 0, -1, -4:].float(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_compile_fullgraph():
     _, _, args = _op_args("cuda", True)
