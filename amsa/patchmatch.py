@@ -244,7 +244,7 @@ def upsample_positions(
 
 def _pad_flat(x: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> zero-padded channels-last rows [B*(h+2)*(w+2), C]."""
-    return F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous().view(-1, x.shape[1])
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -266,7 +266,8 @@ class _TorchLevel:
         self.B, self.C = B, C
         self.qsize, self.rsize = (hq, wq), tuple(ref.shape[-2:])
         hr, wr = self.rsize
-        self.qrows, self.rrows = _pad_flat(query), _pad_flat(ref)
+        acc = _acc_dtype(query)
+        self.qrows, self.rrows = _pad_flat(query.to(acc)), _pad_flat(ref.to(acc))
         self.qnorm = F.pad(patch_norms(query), (1, 1, 1, 1)).reshape(-1)
         self.rnorm = F.pad(patch_norms(ref), (1, 1, 1, 1)).reshape(-1)
         self.qtaps = torch.tensor([dy * (wq + 2) + dx for dy, dx in TAPS], device=query.device)
@@ -275,74 +276,77 @@ class _TorchLevel:
         y = torch.arange(hq, device=query.device)[None, :, None]
         x = torch.arange(wq, device=query.device)[None, None, :]
         self.qcentre = ((b * (hq + 2) + y + 1) * (wq + 2) + x + 1).reshape(-1)  # [B*hq*wq]
-        self.rbase = (torch.arange(B, device=query.device) * (hr + 2) * (wr + 2))[:, None, None]
-        # Gathered rows per chunk ~ 4 MB: large enough to amortise op overhead, small enough for the cache.
-        self.chunk = max(64, (1 << 20) // (len(NEIGHBOURS) * 9 * C))
+        self.batch = torch.arange(B, device=query.device).repeat_interleave(hq * wq)  # [B*hq*wq]
+        # Query pixels per gather: ~2 MB of candidate rows, small enough to stay in cache for the bmm.
+        self.chunk = max(32, (1 << 19) // (len(NEIGHBOURS) * 9 * C))
+        # Reused gather buffers: fresh multi-MB allocations cost page faults on every chunk (about half the
+        # time on CPU). Not when a gradient is wanted (patch_similarity), since out= ops do not record one.
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+        self.work = None if needs_grad else (
+            torch.empty(self.chunk * 9, C, dtype=acc, device=query.device),
+            torch.empty(self.chunk * len(NEIGHBOURS) * 9, C, dtype=acc, device=query.device),
+        )
 
     def ref_rows(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Flat padded-row index of reference pixels (y, x) given as [B, hq, wq, ...] tensors."""
-        wr = self.rsize[1]
-        base = self.rbase.reshape(-1, *([1] * (y.dim() - 1)))
-        return base + (y + 1) * (wr + 2) + x + 1
+        """Flat padded-row index of reference pixels (y, x) given as [B*hq*wq, m] tensors."""
+        hr, wr = self.rsize
+        return (self.batch[:, None] * (hr + 2) + y + 1) * (wr + 2) + x + 1
 
-    def scores(self, qcentre: torch.Tensor, rcentre: torch.Tensor) -> torch.Tensor:
-        """Eq. 1 for query rows [n] against candidate rows [n, m] -> [n, m] fp32, clamped to [-1, 1]."""
-        n, m = rcentre.shape
-        q = self.qrows.index_select(0, (qcentre[:, None] + self.qtaps).reshape(-1)).view(n, -1, 1)
-        r = self.rrows.index_select(0, (rcentre[..., None] + self.rtaps).reshape(-1)).view(n, m, -1)
-        acc = _acc_dtype(self.qrows)
-        dot = torch.bmm(r.to(acc), q.to(acc))[..., 0]
-        den = self.qnorm[qcentre][:, None] * self.rnorm[rcentre]
+    def scores(self, rcentre: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 for every query pixel against candidate rows [B*hq*wq, m] -> [B*hq*wq, m], in [-1, 1].
+
+        Only the gathers and the inner products run in chunks (memory O(chunk * m * 9C)); the rest is
+        vectorised over the level."""
+        N, m = rcentre.shape
+        dots = []
+        for i in range(0, N, self.chunk):
+            qc, rc = self.qcentre[i : i + self.chunk], rcentre[i : i + self.chunk]
+            n = qc.numel()
+            qi = (qc[:, None] + self.qtaps).view(-1)
+            ri = (rc[..., None] + self.rtaps).view(-1)
+            if self.work is None:
+                q, r = self.qrows.index_select(0, qi), self.rrows.index_select(0, ri)
+            else:
+                q = torch.index_select(self.qrows, 0, qi, out=self.work[0][: qi.numel()])
+                r = torch.index_select(self.rrows, 0, ri, out=self.work[1][: ri.numel()])
+            dots.append(torch.bmm(r.view(n, m, -1), q.view(n, -1, 1)).view(n, m))
+        dot = torch.cat(dots)
+        den = self.qnorm[self.qcentre][:, None] * self.rnorm[rcentre]
         return torch.where(den > 0, dot / den.clamp_min(1e-30), torch.zeros_like(dot)).clamp(-1.0, 1.0)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2: scores of positions [B, hq, wq, 2] -> [B, hq, wq]."""
-        rc = self.ref_rows(pos[..., 0], pos[..., 1]).reshape(-1)
-        out = torch.cat([self.scores(self.qcentre[i : i + self.chunk], rc[i : i + self.chunk, None])
-                         for i in range(0, rc.numel(), self.chunk)])
-        return out.view(pos.shape[:-1])
+        rows = self.ref_rows(pos[..., 0].reshape(-1, 1), pos[..., 1].reshape(-1, 1))
+        return self.scores(rows).view(pos.shape[:-1])
 
     def step(self, pos: torch.Tensor, score: torch.Tensor, k: int, offset_corrected: bool):
         """One propagation step at dilation k (LR then Ref propagation); returns new (pos, score)."""
         hq, wq = self.qsize
         hr, wr = self.rsize
+        m = len(NEIGHBOURS)
         d = torch.tensor(NEIGHBOURS, device=pos.device) * k  # [8, 2]
         # LR propagation candidates: the neighbours' matches (offset-corrected: minus the displacement).
         big = max(hq, wq) * k + 1
         padded = F.pad(pos.permute(0, 3, 1, 2), (k, k, k, k), value=-big)  # sentinel: outside the grid
         cand = torch.stack([padded[:, :, k + k * dy : k + k * dy + hq, k + k * dx : k + k * dx + wq]
                             for dy, dx in NEIGHBOURS], dim=-1)  # [B, 2, hq, wq, 8]
-        valid = cand[:, 0] > -big
-        cy, cx = cand[:, 0], cand[:, 1]
+        valid = (cand[:, 0] > -big).reshape(-1, m)
+        cy, cx = cand[:, 0].reshape(-1, m), cand[:, 1].reshape(-1, m)
         if offset_corrected:
-            cy = (cy - d[:, 0]).clamp(0, hr - 1)
-            cx = (cx - d[:, 1]).clamp(0, wr - 1)
+            cy, cx = cy - d[:, 0], cx - d[:, 1]
         cy, cx = cy.clamp(0, hr - 1), cx.clamp(0, wr - 1)
-        lr_rows = self.ref_rows(cy, cx).reshape(-1, len(NEIGHBOURS))
-        valid = valid.reshape(-1, len(NEIGHBOURS))
-        cy, cx = cy.reshape(-1, len(NEIGHBOURS)), cx.reshape(-1, len(NEIGHBOURS))
-        own_y, own_x, own_s = pos[..., 0].reshape(-1), pos[..., 1].reshape(-1), score.reshape(-1)
-        out_pos, out_score = torch.empty_like(pos).view(-1, 2), torch.empty_like(score).view(-1)
-        neg_inf = torch.tensor(float("-inf"), device=pos.device)
-        batch = torch.arange(self.B, device=pos.device).repeat_interleave(hq * wq)
-        for i in range(0, own_s.numel(), self.chunk):
-            sl = slice(i, i + self.chunk)
-            qc = self.qcentre[sl]
-            s = torch.where(valid[sl], self.scores(qc, lr_rows[sl]), neg_inf)
-            s = torch.cat([own_s[sl, None], s], 1)
-            ys = torch.cat([own_y[sl, None], cy[sl]], 1)
-            xs = torch.cat([own_x[sl, None], cx[sl]], 1)
-            best_s, j = s.max(1)  # first maximum: ties keep the own match, then the earlier neighbour
-            by, bx = ys.gather(1, j[:, None]), xs.gather(1, j[:, None])
-            # Ref propagation around the freshly updated own match.
-            ry = (by + d[:, 0]).clamp(0, hr - 1)
-            rx = (bx + d[:, 1]).clamp(0, wr - 1)
-            rows = (batch[sl, None] * (hr + 2) + ry + 1) * (wr + 2) + rx + 1
-            s2 = torch.cat([best_s[:, None], self.scores(qc, rows)], 1)
-            out_score[sl], j2 = s2.max(1)
-            out_pos[sl, 0] = torch.cat([by, ry], 1).gather(1, j2[:, None])[:, 0]
-            out_pos[sl, 1] = torch.cat([bx, rx], 1).gather(1, j2[:, None])[:, 0]
-        return out_pos.view_as(pos), out_score.view_as(score)
+        s = torch.where(valid, self.scores(self.ref_rows(cy, cx)), float("-inf"))
+        # First maximum over [own, neighbours]: ties keep the own match, then the earlier neighbour.
+        best, j = torch.cat([score.reshape(-1, 1), s], 1).max(1, keepdim=True)
+        by = torch.cat([pos[..., 0].reshape(-1, 1), cy], 1).gather(1, j)
+        bx = torch.cat([pos[..., 1].reshape(-1, 1), cx], 1).gather(1, j)
+        # Ref propagation around the freshly updated own match.
+        ry, rx = (by + d[:, 0]).clamp(0, hr - 1), (bx + d[:, 1]).clamp(0, wr - 1)
+        s2 = self.scores(self.ref_rows(ry, rx))
+        out_score, j2 = torch.cat([best, s2], 1).max(1, keepdim=True)
+        out_y = torch.cat([by, ry], 1).gather(1, j2)
+        out_x = torch.cat([bx, rx], 1).gather(1, j2)
+        return torch.cat([out_y, out_x], 1).view_as(pos), out_score.view_as(score)
 
 
 # ----------------------------------------------------------------------------------------------------------
