@@ -244,7 +244,7 @@ def _deform_conv_fwd_kernel(
 @triton.jit
 def _deform_conv_bwd_data_kernel(
     go_ptr, x_ptr, off_ptr, msk_ptr, w_ptr, gx_ptr, goff_ptr, gmsk_ptr,
-    H, W, HO, WO, C_PER_G, COUT_PER_G, C_PER_OG, N_OGROUPS,
+    B, H, W, HO, WO, C_PER_G, COUT_PER_G, C_PER_OG, N_OGROUPS, CSPLIT,
     sgb, sgc, sgh, sgw,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
@@ -263,16 +263,19 @@ def _deform_conv_bwd_data_kernel(
         grad_input[b, c, corner]         += m * a_corner * gcol                 (fp32 atomics)
 
     go [B, Cout, HO, WO], x [B, C, H, W], offset, mask strided; wt [groups, KK, C_PER_G, COUT_PER_G],
-    gx [B, C, H, W] fp32 zero-initialised, goff [B, 2*G*KK, HO, WO] and gmsk [B, G*KK, HO, WO] contiguous.
-    Grid: B * N_OGROUPS * p-tiles; each program writes grad_offset/grad_mask of its (b, og, p-tile) for
-    every tap, so those outputs need no atomics.
+    gx [B, C, H, W] fp32 zero-initialised; goff [CSPLIT, B, 2*G*KK, HO, WO] and gmsk [CSPLIT, B, G*KK, HO, WO]
+    contiguous: partial sums over the channel blocks cs, cs + CSPLIT, ... of the offset group, summed by
+    the launcher when CSPLIT > 1 (CSPLIT adds parallelism when B * G * p-tiles is small).
+    Grid: B * N_OGROUPS * p-tiles * CSPLIT; each program writes the grad_offset/grad_mask partials of its
+    (cs, b, og, p-tile) for every tap, so those outputs need no atomics.
     """
     KK: tl.constexpr = KH * KW
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     pid = tl.program_id(0).to(tl.int64)
     p_tiles = tl.cdiv(HO * WO, BLOCK_P)
-    pid_p = pid % p_tiles
-    bo = pid // p_tiles
+    cs = pid % CSPLIT
+    pid_p = (pid // CSPLIT) % p_tiles
+    bo = pid // (CSPLIT * p_tiles)
     b = bo // N_OGROUPS
     og = bo % N_OGROUPS
 
@@ -306,7 +309,7 @@ def _deform_conv_bwd_data_kernel(
         g_m = tl.zeros((BLOCK_P,), dtype=tl.float32)
         o_gx = (h_lo * W + w_lo)[:, None]
 
-        for c0 in range(0, C_PER_OG, BLOCK_C):
+        for c0 in range(cs * BLOCK_C, C_PER_OG, CSPLIT * BLOCK_C):
             c_loc = c0 + tl.arange(0, BLOCK_C)
             c_ok = c_loc < C_PER_OG
             c = c_og + c_loc
@@ -355,11 +358,11 @@ def _deform_conv_bwd_data_kernel(
                 tl.atomic_add(gx_c + W, hw[:, None] * bot, mask=ok_b0, sem="relaxed")
                 tl.atomic_add(gx_c + W + 1, lw[:, None] * bot, mask=ok_b1, sem="relaxed")
 
-        goff = goff_ptr + (b * N_OGROUPS * KK * 2 + 2 * ch) * (HO * WO) + offs_p
+        goff = goff_ptr + ((cs * B + b) * N_OGROUPS * KK * 2 + 2 * ch) * (HO * WO) + offs_p
         tl.store(goff, (g_dh * m).to(goff_ptr.dtype.element_ty), mask=p_ok)
         tl.store(goff + HO * WO, (g_dw * m).to(goff_ptr.dtype.element_ty), mask=p_ok)
         if HAS_MASK:
-            gmsk = gmsk_ptr + (b * N_OGROUPS * KK + ch) * (HO * WO) + offs_p
+            gmsk = gmsk_ptr + ((cs * B + b) * N_OGROUPS * KK + ch) * (HO * WO) + offs_p
             tl.store(gmsk, g_m.to(gmsk_ptr.dtype.element_ty), mask=p_ok)
 
 
@@ -536,24 +539,33 @@ def deform_conv2d_bwd(
     if need_input or need_offset_mask:
         wt = _permuted_weight(weight, groups)
         gx = torch.zeros((B, C, H, W), dtype=torch.float32, device=dev)
-        goff = _alloc((B, 2 * G * KK, HO, WO), offset.dtype, dev)
-        gmsk = _alloc((B, G * KK, HO, WO), mask.dtype, dev) if mask is not None else goff
         block_p = 16 if _INTERPRET else 64
-        grid = (B * G * triton.cdiv(HO * WO, block_p),)
-        wrap_triton(_deform_conv_bwd_data_kernel)[grid](
+        block_c = 16 if _INTERPRET else _c_block(C // G, input.dtype)
+        base = B * G * triton.cdiv(HO * WO, block_p)
+        c_blocks = triton.cdiv(C // G, block_c)
+        if _INTERPRET:
+            csplit = min(2, c_blocks)
+        else:
+            target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+            csplit = max(1, min(c_blocks, triton.cdiv(target, base)))
+        # One split: final gradients written directly; several: fp32 partials summed below.
+        part_dtype = (lambda t: t.dtype) if csplit == 1 else (lambda t: torch.float32)
+        goff = _alloc((csplit * B, 2 * G * KK, HO, WO), part_dtype(offset), dev)
+        gmsk = _alloc((csplit * B, G * KK, HO, WO), part_dtype(mask), dev) if mask is not None else goff
+        wrap_triton(_deform_conv_bwd_data_kernel)[(base * csplit,)](
             grad_out, input, offset, msk, wt, gx, goff, gmsk,
-            H, W, HO, WO, c_per_g, cout_per_g, C // G, G,
+            B, H, W, HO, WO, c_per_g, cout_per_g, C // G, G, csplit,
             *grad_out.stride(), *input.stride(), *offset.stride(), smb, smc, smh, smw, *convs,
             KH=KH, KW=KW, HAS_MASK=has_mask, NEED_GRAD_INPUT=int(bool(need_input)),
-            BLOCK_P=block_p, BLOCK_N=16 if _INTERPRET else _n_block(cout_per_g),
-            BLOCK_C=16 if _INTERPRET else _c_block(C // G, input.dtype), num_warps=8,
+            BLOCK_P=block_p, BLOCK_N=16 if _INTERPRET else _n_block(cout_per_g), BLOCK_C=block_c,
+            num_warps=8,
         )
         if need_input:
             grad_input = gx.to(input.dtype)
         if need_offset_mask:
-            grad_offset = goff
+            grad_offset = goff if csplit == 1 else goff.view(csplit, *offset.shape).sum(0).to(offset.dtype)
             if mask is not None:
-                grad_mask = gmsk
+                grad_mask = gmsk if csplit == 1 else gmsk.view(csplit, *mask.shape).sum(0).to(mask.dtype)
 
     if need_weight:
         block_p, block_n = (16, 16) if _INTERPRET else (64, _n_block(cout_per_g))

@@ -83,6 +83,7 @@ CASES = {
     "groups": (1, 6, 5, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, True, True),
     "offset_groups_nomask": (2, 4, 4, 5, 2, (3, 3), (1, 2), (1, 1), (1, 1), 1, 4, False, True),
     "groups_straddle": (1, 6, 4, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3, 2, True, True),
+    "wide": (1, 34, 3, 4, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, True),  # several channel blocks
 }
 
 
@@ -307,7 +308,7 @@ def test_compile_fullgraph_torch_path():
 
 # ------------------------------------------------------------------------------------ Triton kernels
 
-TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle"]
+TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide"]
 
 
 @needs_triton
