@@ -235,3 +235,19 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
         _resolve_backend("triton", torch.device("cpu"))
     assert _resolve_backend("auto", torch.device("cpu")) == "torch"
     assert _resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_torch_compile_fullgraph_traces_the_matcher():
+    q, r = smooth_features(1, 4, 24, 24, seed=15), smooth_features(1, 4, 24, 20, seed=16)
+    f = torch.compile(lambda a, b: amsa.cfe_patchmatch(a, [b, b[..., :18]], iters=(1, 1))[1].pos,
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(q, r), amsa.cfe_patchmatch(q, r[..., :18], iters=(1, 1)).pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton path compiles only on CUDA")
+def test_torch_compile_fullgraph_traces_the_triton_path_on_cuda():
+    q = smooth_features(2, 16, 64, 64, seed=17).cuda()
+    r = smooth_features(2, 16, 64, 72, seed=18).cuda()
+    f = torch.compile(lambda a, b: amsa.cfe_patchmatch(a, b).pos, fullgraph=True)
+    assert torch.equal(f(q, r), amsa.cfe_patchmatch(q, r).pos)
