@@ -19,7 +19,9 @@ Three kernels, none of which materialises the column tensor ``col`` (C * kh * kw
   interpolates the modulated input tile in fp32 and feeds it to ``tl.dot`` (fp32 accumulation).
 * ``_deform_conv_bwd_data_kernel``: one pass for grad_input, grad_offset and grad_mask. A program owns a
   tile of positions of one (batch, offset group), so the channel reductions behind grad_offset and
-  grad_mask stay inside the program and are stored once (no atomics, deterministic). The column
+  grad_mask stay inside the program and are stored once (no atomics, deterministic); when that gives too
+  few programs for the GPU, the group's channel blocks are split over CSPLIT programs whose fp32
+  partials are summed afterwards. The column
   gradient ``W^T grad_out`` is formed tile by tile with ``tl.dot`` and scattered to grad_input through
   the bilinear weights with fp32 atomics (an inverse map pixel -> samples does not exist for arbitrary
   offsets; torchvision's col2im uses atomics as well). grad_input is therefore not bitwise deterministic.
