@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
     parser.add_argument("--providers", default="", help="comma-separated subset (default: all available)")
-    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "data" / "deform_conv.csv"))
+    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results" / "deform_conv.csv"))
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
