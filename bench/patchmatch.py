@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     measure = timer(device, args.quick)
     results = {}
     for backend in backends:
-        ms = measure(lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b))
-        results[f"cfe_patchmatch/{backend}"] = (backend, ms, amsa.cfe_patchmatch(q, r, iters, backend=backend))
+        run = lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b)
+        results[f"cfe_patchmatch/{backend}"] = (backend, measure(run), run())
     if not args.no_enumerated:
         # Enumerated matching takes tens of seconds on CPU: one timed run after the warm-up there.
         measure_enum = measure if device == "cuda" else timer(device, quick=True)
