@@ -1,8 +1,10 @@
 """amsa: Triton kernels for reference-based super-resolution (AMSA, AAAI-22).
 
-CFE-PatchMatch (paper section 3.1, Eq. 1-5) lives in :mod:`amsa.patchmatch`.
+CFE-PatchMatch (paper section 3.1, Eq. 1-5) lives in :mod:`amsa.patchmatch`; the deformable gather of the
+Dynamic Aggregation (Eq. 6-8) in :mod:`amsa.deform`.
 """
 
+from amsa.deform import ModulatedDeformConv2d, deform_conv2d
 from amsa.patchmatch import (
     CFEPatchMatch,
     Match,
@@ -17,10 +19,12 @@ from amsa.patchmatch import (
 
 __all__ = [
     "CFEPatchMatch",
+    "ModulatedDeformConv2d",
     "Match",
     "Pyramid",
     "Snapshot",
     "cfe_patchmatch",
+    "deform_conv2d",
     "dilations",
     "enumerated_match",
     "patch_similarity",
