@@ -101,3 +101,20 @@ def test_triton_ops_pass_opcheck():
     checks = ("test_schema", "test_faketensor") if TRITON_DEVICE == "cuda" else ("test_schema",)
     torch.library.opcheck(patchmatch_step, (lv.query, lv.qnorm, lv.ref, lv.rnorm, lv.ref_meta, pos, score,
                                             1, 0), test_utils=checks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TRITON_DEVICE != "cuda", reason="needs > 4 GB of features on a GPU")
+def test_triton_offsets_beyond_2_pow_31_elements():
+    from kernels.patchmatch import TritonLevel
+
+    # Reference rows [2 * 1100 * 1000, 1000] fp16 = 2.2e9 elements: the last rows are beyond 2^31.
+    C, h, w = 1000, 1100, 1000
+    q = torch.randn(2, C, 8, 8, device="cuda", dtype=torch.float16)
+    ref = torch.randn(2, C, h, w, device="cuda", dtype=torch.float16)
+    assert ref.numel() > 2**31
+    pos = torch.stack([torch.randint(h - 8, h, (1, 2, 8, 8)), torch.randint(w - 8, w, (1, 2, 8, 8))], -1)
+    s = TritonLevel(q, [ref]).score_positions(pos.cuda())[0]
+    crop = ref[..., h - 10 :, w - 10 :]  # holds every tap of those patches, and the same zero border
+    want = amsa.patch_similarity(q.float(), crop.float(), (pos[0] - torch.tensor([h - 10, w - 10])).cuda())
+    torch.testing.assert_close(s, want, atol=1e-3, rtol=0)
