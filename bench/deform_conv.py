@@ -13,20 +13,15 @@ repeated wall-clock runs. Every row is appended to a CSV (``--csv``) with device
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from amsa.deform import deform_conv2d, deform_conv2d_torch
+from bench.common import RESULTS, append_rows, environment, timer
 
 FULL_SHAPES = [(b, c, hw, g) for b in (1, 9) for (c, hw) in ((256, 40), (128, 80), (64, 160)) for g in (1, 8)]
 QUICK_CUDA_SHAPES = [(1, 256, 40, 1), (1, 256, 40, 8), (9, 64, 160, 8)]
@@ -64,29 +59,6 @@ def make_inputs(batch: int, channels: int, hw: int, groups: int, dtype: torch.dt
     return [x, offset, weight, bias, mask]
 
 
-def timer(device: str, quick: bool) -> Callable[[Callable], tuple[float, float, float]]:
-    if device == "cuda":
-        import triton.testing
-
-        def cuda_time(fn):
-            reps = 50 if quick else 200
-            return tuple(triton.testing.do_bench(fn, warmup=25, rep=reps, quantiles=[0.5, 0.2, 0.8]))
-
-        return cuda_time
-
-    def cpu_time(fn):
-        fn()
-        times = []
-        for _ in range(3 if quick else 10):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(times, n=5, method="inclusive")
-        return statistics.median(times), q[0], q[3]
-
-    return cpu_time
-
-
 def bench_one(fn: Callable, inputs: list, mode: str, measure: Callable) -> tuple[float, float, float]:
     x, offset, weight, bias, mask = inputs
     leaves = [t.detach().requires_grad_(mode != "fwd") for t in (x, offset, weight, bias, mask)]
@@ -101,23 +73,13 @@ def bench_one(fn: Callable, inputs: list, mode: str, measure: Callable) -> tuple
     return measure(lambda: torch.autograd.grad(call(), leaves, grad))
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few shapes and reps (works on CPU)")
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
     parser.add_argument("--providers", default="", help="comma-separated subset (default: all available)")
-    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results" / "deform_conv.csv"))
+    parser.add_argument("--csv", default=str(RESULTS / "deform_conv.csv"))
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,18 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     measure = timer(device, args.quick)
 
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    common = {
-        "kernel": "deform_conv2d", "dtype": str(dtype).removeprefix("torch."), "device": device_name,
-        "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    common = {"kernel": "deform_conv2d", "dtype": str(dtype).removeprefix("torch."), **environment(device)}
     rows = []
     print(f"{'provider':<12} {'mode':<8} {'shape (B, C, HxW, G)':<24} {'p50 ms':>9} {'p20':>9} {'p80':>9}")
     for batch, channels, hw, groups in shapes:
@@ -169,15 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"{len(rows)} rows appended to {path}")
+    append_rows(Path(args.csv), FIELDS, rows)
+    print(f"{len(rows)} rows appended to {args.csv}")
     return 0
 
 
