@@ -2,6 +2,7 @@
 (amsa.features) and the end-to-end ``python -m amsa demo --quick`` (amsa.demo, amsa.__main__)."""
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -243,3 +244,23 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert float(paper["agreement_pct"]) > 50.0
     assert float(paper["gflops"]) < float(enum["gflops"])
     assert float(paper["within_2px_pct"]) > 50.0
+
+
+def test_run_demo_with_another_extractor(tmp_path):
+    """The extractor can be swapped: any module mapping [1, 3, H, W] images to [1, C, H, W] features."""
+    from amsa.demo import convergence_curve, run_demo
+
+    class ColourPatches(torch.nn.Module):
+        def forward(self, x):
+            return x - x.mean(dim=(2, 3), keepdim=True)
+
+    lines = []
+    res = run_demo(tmp_path, 48, extractor=ColourPatches(), log=lines.append)
+    assert "ColourPatches, C=3" in "\n".join(lines)
+    assert [r.iters for r in res.rows] == [(1, 1, 2, 6), (1, 1, 1, 4), (10,), None]
+    assert all(os.path.isfile(f) for f in res.files.values())
+    paper = res.rows[0]
+    assert paper.match.pos.shape == (1, 48, 48, 2)
+    assert 0.0 <= paper.agreement <= 100.0 and paper.flop_cut > 1
+    with pytest.raises(ValueError, match="history=True"):
+        convergence_curve(res.rows[-1].match, paper.match.pos, paper.match.pos, res.rows[-1].match)
