@@ -53,9 +53,12 @@ class FilterBankExtractor(nn.Module):
       first derivative along theta (edges, odd phase; ``sigma * dY/du``), second derivative along theta
       (bars/ridges, even phase; ``sigma^2 * d2Y/du2``) and oriented energy ``sqrt(odd^2 + even^2)``
       (phase-invariant). Derivatives are steered from separable Gaussian-derivative filters and
-      scale-normalised (Lindeberg's gamma = 1), so scales are comparable.
-    * ``48 .. 55`` colour: ``RG`` and ``BY`` smoothed by a Gaussian of each sigma (local chroma).
-    * ``56 .. 63`` colour edges: x and y first derivatives of ``RG`` and ``BY`` at the two middle sigmas.
+      scale-normalised (Lindeberg's gamma = 1), so scales are comparable. Channel ``12 i + 3 a + k`` is
+      scale ``i``, orientation ``a`` and ``k`` = 0 odd, 1 even, 2 energy.
+    * ``48 .. 55`` colour: ``RG`` and ``BY`` smoothed by a Gaussian of each sigma (local chroma), in the
+      order (RG, BY) per scale.
+    * ``56 .. 63`` colour edges: ``sigma * d/dx`` then ``sigma * d/dy`` of (RG, BY), at the two middle
+      sigmas.
 
     Normalisation (``normalize="image"``, default): every channel of every image is standardised with that
     image's own spatial mean and standard deviation, ``(f - mean) / max(std, floor)``, with
