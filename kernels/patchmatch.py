@@ -38,7 +38,7 @@ def _similarity(
     accumulates the inner product in fp32, divides by the precomputed patch norms (0 if either is 0)."""
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
-    for t in tl.static_range(9):
+    for t in range(9):  # a loop, not unrolled: 16 candidates x 9 taps unrolled take minutes to compile
         dy = t // 3 - 1
         dx = t % 3 - 1
         ok = valid & (qy + dy >= 0) & (qy + dy < Hq) & (qx + dx >= 0) & (qx + dx < Wq)
@@ -109,37 +109,37 @@ def _patchmatch_step_kernel(
     by = tl.load(pos_in_ptr + st * 2, mask=inb, other=0)
     bx = tl.load(pos_in_ptr + st * 2 + 1, mask=inb, other=0)
     bs = tl.load(score_in_ptr + st, mask=inb, other=0.0)
-    for t in tl.static_range(9):
-        if t != 4:
-            dy = t // 3 - 1
-            dx = t % 3 - 1
-            uy = qy + dy * k
-            ux = qx + dx * k
-            ok = inb & (uy >= 0) & (uy < Hq) & (ux >= 0) & (ux < Wq)
-            su = state + uy * Wq + ux
-            cy = tl.load(pos_in_ptr + su * 2, mask=ok, other=0)
-            cx = tl.load(pos_in_ptr + su * 2 + 1, mask=ok, other=0)
-            if OFFSET_CORRECTED:
-                cy = tl.minimum(tl.maximum(cy - dy * k, 0), Hr - 1)
-                cx = tl.minimum(tl.maximum(cx - dx * k, 0), Wr - 1)
-            s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
-                            Hq, Wq, Hr, Wr, C, ok, BLOCK_P, BLOCK_C)
-            better = ok & (s > bs)
-            by = tl.where(better, cy, by)
-            bx = tl.where(better, cx, bx)
-            bs = tl.where(better, s, bs)
+    for n in range(8):  # the 8 neighbours d, in raster order (t = 4 is the pixel itself)
+        t = n + n // 4
+        dy = t // 3 - 1
+        dx = t % 3 - 1
+        uy = qy + dy * k
+        ux = qx + dx * k
+        ok = inb & (uy >= 0) & (uy < Hq) & (ux >= 0) & (ux < Wq)
+        su = state + uy * Wq + ux
+        cy = tl.load(pos_in_ptr + su * 2, mask=ok, other=0)
+        cx = tl.load(pos_in_ptr + su * 2 + 1, mask=ok, other=0)
+        if OFFSET_CORRECTED:
+            cy = tl.minimum(tl.maximum(cy - dy * k, 0), Hr - 1)
+            cx = tl.minimum(tl.maximum(cx - dx * k, 0), Wr - 1)
+        s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
+                        Hq, Wq, Hr, Wr, C, ok, BLOCK_P, BLOCK_C)
+        better = ok & (s > bs)
+        by = tl.where(better, cy, by)
+        bx = tl.where(better, cx, bx)
+        bs = tl.where(better, s, bs)
     oy = by
     ox = bx
-    for t in tl.static_range(9):
-        if t != 4:
-            cy = tl.minimum(tl.maximum(oy + (t // 3 - 1) * k, 0), Hr - 1)
-            cx = tl.minimum(tl.maximum(ox + (t % 3 - 1) * k, 0), Wr - 1)
-            s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
-                            Hq, Wq, Hr, Wr, C, inb, BLOCK_P, BLOCK_C)
-            better = inb & (s > bs)
-            by = tl.where(better, cy, by)
-            bx = tl.where(better, cx, bx)
-            bs = tl.where(better, s, bs)
+    for n in range(8):
+        t = n + n // 4
+        cy = tl.minimum(tl.maximum(oy + (t // 3 - 1) * k, 0), Hr - 1)
+        cx = tl.minimum(tl.maximum(ox + (t % 3 - 1) * k, 0), Wr - 1)
+        s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
+                        Hq, Wq, Hr, Wr, C, inb, BLOCK_P, BLOCK_C)
+        better = inb & (s > bs)
+        by = tl.where(better, cy, by)
+        bx = tl.where(better, cx, bx)
+        bs = tl.where(better, s, bs)
     tl.store(pos_out_ptr + st * 2, by, mask=inb)
     tl.store(pos_out_ptr + st * 2 + 1, bx, mask=inb)
     tl.store(score_out_ptr + st, bs, mask=inb)

@@ -510,35 +510,25 @@ def test_gpu_compile_fullgraph():
 # ------------------------------------------------------------------------------- compiled (no GPU needed)
 
 _COMPILE_SCRIPT = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import kernels.deform_conv as k
+from sm90 import compile_for_sm90
 
-def compile_for_sm90(kernel, dtype, constexprs, num_warps):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ("fp32" if name in ("gx_ptr", "gw_ptr") else dtype)
-        else:
-            sig[name] = "i32"
-    src = ASTSource(kernel, sig, constexprs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
+
+def run(kernel, dtype, constexprs, num_warps):
+    wide = ("gx_ptr", "gw_ptr")
+    types = lambda name: "*" + ("fp32" if name in wide else dtype) if name.endswith("_ptr") else "i32"
+    compile_for_sm90(kernel, types, constexprs, num_warps)
+
 
 for dtype in ("fp32", "fp16", "bf16"):
     cfg = k._fwd_configs()[-1]
-    compile_for_sm90(k._deform_conv_fwd_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, HAS_BIAS=1, **cfg.kwargs),
+    run(k._deform_conv_fwd_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, HAS_BIAS=1, **cfg.kwargs),
                      cfg.num_warps)
-    compile_for_sm90(k._deform_conv_bwd_data_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, NEED_GRAD_INPUT=1,
+    run(k._deform_conv_bwd_data_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, NEED_GRAD_INPUT=1,
                      BLOCK_P=64, BLOCK_N=64, BLOCK_C=16 if dtype == "fp32" else 32), 8)
-    compile_for_sm90(k._deform_conv_bwd_weight_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, BLOCK_P=64,
+    run(k._deform_conv_bwd_weight_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, BLOCK_P=64,
                      BLOCK_N=64, BLOCK_C=32), 8)
-compile_for_sm90(k._deform_conv_fwd_kernel, "fp16", dict(KH=1, KW=2, HAS_MASK=0, HAS_BIAS=0, BLOCK_P=64,
+run(k._deform_conv_fwd_kernel, "fp16", dict(KH=1, KW=2, HAS_MASK=0, HAS_BIAS=0, BLOCK_P=64,
                  BLOCK_N=64, BLOCK_C=16), 4)
 print("compiled")
 """
@@ -548,14 +538,8 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code that the compiler rejects: compile every kernel for an H100/H200
     (sm_90) ahead of time with the ptxas bundled in the Triton wheel. No GPU needed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from sm90 import run_script
 
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-c", _COMPILE_SCRIPT]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = run_script(_COMPILE_SCRIPT)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -118,3 +118,31 @@ def test_triton_offsets_beyond_2_pow_31_elements():
     crop = ref[..., h - 10 :, w - 10 :]  # holds every tap of those patches, and the same zero border
     want = amsa.patch_similarity(q.float(), crop.float(), (pos[0] - torch.tensor([h - 10, w - 10])).cuda())
     torch.testing.assert_close(s, want, atol=1e-3, rtol=0)
+
+
+_COMPILE_SCRIPT = r"""
+import kernels.patchmatch as k
+from sm90 import compile_for_sm90
+
+POINTERS = {"qnorm_ptr": "*fp32", "rnorm_ptr": "*fp32", "ref_meta_ptr": "*i64", "pos_ptr": "*i64",
+            "pos_in_ptr": "*i64", "pos_out_ptr": "*i64", "score_ptr": "*fp32", "score_in_ptr": "*fp32",
+            "score_out_ptr": "*fp32"}
+for dtype in ("fp32", "fp16", "bf16"):
+    types = lambda name: POINTERS.get(name, "*" + dtype if name.endswith("_ptr") else "i32")
+    bp, bc = k._blocks(256, 1 << 20)
+    compile_for_sm90(k._patch_score_kernel, types, dict(BLOCK_P=bp, BLOCK_C=bc), 4)
+    for oc in (0, 1):
+        constexprs = dict(OFFSET_CORRECTED=oc, BLOCK_P=bp, BLOCK_C=bc)
+        compile_for_sm90(k._patchmatch_step_kernel, types, constexprs, 4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Compile the matcher's kernels for an H100/H200 (sm_90) ahead of time: no GPU needed."""
+    from sm90 import run_script
+
+    pytest.importorskip("triton.backends.nvidia")
+    proc = run_script(_COMPILE_SCRIPT)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
