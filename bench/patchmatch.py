@@ -22,7 +22,7 @@ import amsa
 from bench.common import RESULTS, append_rows, environment, timer
 
 FIELDS = [
-    "matcher", "backend", "data", "batch", "channels", "height", "width", "refs", "iters",
+    "matcher", "backend", "data", "batch", "channels", "height", "width", "refs", "iters", "offset_corrected",
     "p50_ms", "p20_ms", "p80_ms", "gflops", "agreement_pct", "mean_score", "score_gap_pct", "speedup",
     "device", "torch", "triton", "commit", "timestamp",
 ]
@@ -50,9 +50,9 @@ def features(data: str, size: int, channels: int, batch: int, device: str):
     return q.contiguous().to(device), r.contiguous().to(device)
 
 
-def check_triton_against_torch(q, r, iters) -> str:
-    t = amsa.cfe_patchmatch(q, r, iters, backend="torch")
-    k = amsa.cfe_patchmatch(q, r, iters, backend="triton")
+def check_triton_against_torch(q, r, iters, offset_corrected: bool) -> str:
+    t = amsa.cfe_patchmatch(q, r, iters, backend="torch", offset_corrected=offset_corrected)
+    k = amsa.cfe_patchmatch(q, r, iters, backend="triton", offset_corrected=offset_corrected)
     same = (t.pos == k.pos).all(-1).float().mean().item() * 100
     diff = (t.score - k.score).abs().max().item()
     ok = same > 99.0 and diff < 1e-4
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=64, help="channels of random data (demo: 64)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", default="1,1,2,6", help="iterations per level, coarse to fine")
+    p.add_argument("--offset-corrected", action="store_true", help="classic PatchMatch LR propagation")
     p.add_argument("--backends", default="", help="comma-separated subset of torch,triton (default: "
                    "triton on CUDA, torch on CPU; both on CUDA with --check)")
     p.add_argument("--no-enumerated", action="store_true", help="skip enumerated matching")
@@ -83,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     C = q.shape[1]
     print(f"{args.data} features: query {tuple(q.shape)}, ref {tuple(r.shape)}, {device}")
     if device == "cuda" and "triton" in backends:
-        print(check_triton_against_torch(q, r, iters))
+        print(check_triton_against_torch(q, r, iters, args.offset_corrected))
 
     measure = timer(device, args.quick)
     results = {}
+    oc = args.offset_corrected
     for backend in backends:
-        run = lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b)
+        run = lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b, offset_corrected=oc)
         results[f"cfe_patchmatch/{backend}"] = (backend, measure(run), run())
     if not args.no_enumerated:
         # Enumerated matching takes tens of seconds on CPU: one timed run after the warm-up there.
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**env, "matcher": name.split("/")[0], "backend": backend, "data": args.data,
                      "batch": args.batch, "channels": C, "height": size, "width": size, "refs": 1,
                      "iters": "-".join(map(str, iters)) if name != "enumerated" else "",
+                     "offset_corrected": int(args.offset_corrected) if name != "enumerated" else "",
                      "p50_ms": f"{p50:.3f}", "p20_ms": f"{p20:.3f}", "p80_ms": f"{p80:.3f}",
                      "gflops": f"{m.flops / 1e9:.3f}", "agreement_pct": f"{agree:.3f}",
                      "mean_score": f"{m.score.mean().item():.5f}", "score_gap_pct": f"{gap:.4f}",
