@@ -100,9 +100,9 @@ def _check_features(x, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {x.dtype}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {x.dtype}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must have batch and channels > 0, got shape {tuple(x.shape)}")
     if x.shape[2] < 3 or x.shape[3] < 3:
@@ -111,7 +111,7 @@ def _check_features(x, name: str) -> None:
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
     """NaN/Inf features raise: the cosine of such patches is undefined. The check syncs the device once per
-    call; under torch.compile it is skipped, and a non-finite candidate then never wins (NaN > s is false)."""
+    call; under torch.compile it is skipped, and matches of patches that touch NaN/Inf are unspecified."""
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name} contains NaN or Inf; cosine similarity is undefined for such patches "
@@ -189,8 +189,7 @@ def _levels(x, n_levels: int, name: str) -> list[torch.Tensor]:
 def dilations(query_size: tuple[int, int]) -> list[int]:
     """Dilations 2^t, t = 0..T-1, of one iteration on a level whose query map is ``query_size``:
     T = max(1, floor(log2(min(h, w) / 8))) (paper: t < log2(sqrt(N) / 8))."""
-    s = min(query_size)
-    T = max(1, int(math.floor(math.log2(s / 8))) if s >= 8 else 1)
+    T = max(1, math.floor(math.log2(min(query_size) / 8)))
     return [2**t for t in range(T)]
 
 
