@@ -57,6 +57,13 @@ def _similarity(
 
 
 @triton.jit
+def _keep_better(ok, s, cy, cx, bs, by, bx):
+    """Argmax update: a valid candidate replaces the current best only if strictly better."""
+    better = ok & (s > bs)
+    return tl.where(better, s, bs), tl.where(better, cy, by), tl.where(better, cx, bx)
+
+
+@triton.jit
 def _level_pixels(qnorm_ptr, ref_meta_ptr, B, Hq, Wq, BLOCK_P: tl.constexpr):
     """Index set-up shared by the kernels: this program's query pixels and its reference's geometry."""
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -124,10 +131,7 @@ def _patchmatch_step_kernel(
             cx = tl.minimum(tl.maximum(cx - dx * k, 0), Wr - 1)
         s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
                         Hq, Wq, Hr, Wr, C, ok, BLOCK_P, BLOCK_C)
-        better = ok & (s > bs)
-        by = tl.where(better, cy, by)
-        bx = tl.where(better, cx, bx)
-        bs = tl.where(better, s, bs)
+        bs, by, bx = _keep_better(ok, s, cy, cx, bs, by, bx)
     oy = by
     ox = bx
     for n in range(8):
@@ -136,10 +140,7 @@ def _patchmatch_step_kernel(
         cx = tl.minimum(tl.maximum(ox + (t % 3 - 1) * k, 0), Wr - 1)
         s = _similarity(query_ptr, ref_ptr, rnorm_ptr, q_row, qy, qx, qn, r_row0, cy, cx,
                         Hq, Wq, Hr, Wr, C, inb, BLOCK_P, BLOCK_C)
-        better = inb & (s > bs)
-        by = tl.where(better, cy, by)
-        bx = tl.where(better, cx, bx)
-        bs = tl.where(better, s, bs)
+        bs, by, bx = _keep_better(inb, s, cy, cx, bs, by, bx)
     tl.store(pos_out_ptr + st * 2, by, mask=inb)
     tl.store(pos_out_ptr + st * 2 + 1, bx, mask=inb)
     tl.store(score_out_ptr + st, bs, mask=inb)
