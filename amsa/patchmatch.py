@@ -483,12 +483,18 @@ def cfe_patchmatch(
     return out if many else out[0]
 
 
-def enumerated_match(query: torch.Tensor, ref, *, chunk: int | None = None):
+def enumerated_match(query: torch.Tensor, ref, *, chunk: int | None = None, precision: str = "fp32"):
     """Exact matching: argmax of Eq. 1 over every reference patch (the enumerated baseline).
 
-    Chunked matmul of normalised query patches against normalised reference patches with a running
-    argmax: memory O(chunk * Nr + 9 * Nr * C), never the Nq x Nr matrix. Ties keep the lowest
-    flat reference index. ``ref`` may be a list; the result is then a list. FLOPs: 2 * 9C * Nq * Nr."""
+    Chunks of normalised query patches are multiplied with all normalised reference patches and the row
+    argmax kept: memory O(chunk * Nr + 9 * Nr * C), never the Nq x Nr matrix. Ties keep the lowest flat
+    reference index. ``ref`` may be a list; the result is then a list. FLOPs: 2 * 9C * Nq * Nr.
+
+    ``precision="bf16"`` runs the products in bf16 (tensor cores on GPU, AMX on recent CPUs), re-scores
+    the 8 best candidates of every query patch exactly in fp32 and keeps the best: exact whenever the true
+    optimum is among the bf16 top 8, which bf16's ~3 significant digits make likely, not certain."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     many = isinstance(ref, (list, tuple))
     refs = list(ref) if many else [ref]
     _check_features(query, "query")
@@ -498,19 +504,27 @@ def enumerated_match(query: torch.Tensor, ref, *, chunk: int | None = None):
         _check_pair(query, r, "query", name)
     for i, x in enumerate([query, *refs]):
         _check_finite(x, "query" if i == 0 else (f"ref[{i - 1}]" if many else "ref"))
-    out = [_enumerated_one(query, r, chunk) for r in refs]
+    out = [_enumerated_one(query, r, chunk, precision) for r in refs]
     return out if many else out[0]
 
 
-def _unfold_normalised(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> normalised 3x3 patch vectors [B, h*w, 9C] in fp32 (zero vector for zero patches)."""
-    u = F.unfold(x.float(), 3, padding=1).transpose(1, 2)
+# Candidates per query patch that the bf16 mode of enumerated matching re-scores in fp32.
+RESCORE_TOP = 8
+
+
+def _normalise(u: torch.Tensor) -> torch.Tensor:
+    """Unit-norm rows (zero rows stay zero)."""
     n = u.norm(dim=-1, keepdim=True)
     return torch.where(n > 0, u / n.clamp_min(1e-30), torch.zeros_like(u))
 
 
+def _unfold_normalised(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> normalised 3x3 patch vectors [B, h*w, 9C] in fp32 (zero vector for zero patches)."""
+    return _normalise(F.unfold(x.float(), 3, padding=1).transpose(1, 2))
+
+
 @torch.no_grad()
-def _enumerated_one(query: torch.Tensor, ref: torch.Tensor, chunk: int | None) -> Match:
+def _enumerated_one(query: torch.Tensor, ref: torch.Tensor, chunk: int | None, precision: str) -> Match:
     B, C, hq, wq = query.shape
     hr, wr = ref.shape[-2:]
     Nr = hr * wr
@@ -519,11 +533,19 @@ def _enumerated_one(query: torch.Tensor, ref: torch.Tensor, chunk: int | None) -
     pos = torch.empty(B, hq * wq, dtype=torch.int64, device=query.device)
     score = torch.empty(B, hq * wq, dtype=torch.float32, device=query.device)
     rn = _unfold_normalised(ref)  # [B, Nr, 9C]
+    rn_low = rn.to(torch.bfloat16) if precision == "bf16" else None
     for b in range(B):
         qb = query[b : b + 1]
         for i in range(0, hq * wq, chunk):
             qn = _unfold_rows(qb, i, min(i + chunk, hq * wq))
-            s, j = (qn @ rn[b].T).clamp_(-1.0, 1.0).max(1)
+            if rn_low is None:
+                s, j = (qn @ rn[b].T).clamp_(-1.0, 1.0).max(1)
+            else:
+                top = (qn.to(torch.bfloat16) @ rn_low[b].T).topk(min(RESCORE_TOP, Nr), dim=1).indices
+                exact = torch.bmm(rn[b][top], qn[:, :, None])[..., 0].clamp_(-1.0, 1.0)  # [n, top]
+                s = exact.max(1, keepdim=True).values
+                j = torch.where(exact == s, top, Nr).min(1).values  # ties: lowest flat index
+                s = s[:, 0]
             score[b, i : i + chunk], pos[b, i : i + chunk] = s, j
     pos = torch.stack([pos // wr, pos % wr], dim=-1).view(B, hq, wq, 2)
     return Match(pos, score.view(B, hq, wq), 2 * 9 * C * B * hq * wq * Nr)
@@ -535,9 +557,7 @@ def _unfold_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     y0, y1 = start // w, (stop - 1) // w + 1  # rows covering the chunk, plus the 1-pixel halo
     band = F.pad(x.float(), (0, 0, 1, 1))[..., y0 : y1 + 2, :]
     u = F.unfold(band, 3, padding=(0, 1)).transpose(1, 2)[0]  # [(y1-y0)*w, 9C]
-    u = u[start - y0 * w : stop - y0 * w]
-    n = u.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, u / n.clamp_min(1e-30), torch.zeros_like(u))
+    return _normalise(u[start - y0 * w : stop - y0 * w])
 
 
 def patch_similarity(query: torch.Tensor, ref: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

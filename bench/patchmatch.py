@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="", help="comma-separated subset of torch,triton (default: "
                    "triton on CUDA, torch on CPU; both on CUDA with --check)")
     p.add_argument("--no-enumerated", action="store_true", help="skip enumerated matching")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="enumerated matching's products (bf16: top-8 re-scored in fp32)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--csv", default=str(RESULTS / "patchmatch.csv"))
     args = p.parse_args(argv)
@@ -94,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         run = lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b, offset_corrected=oc)
         results[f"cfe_patchmatch/{backend}"] = (backend, measure(run), run())
     if not args.no_enumerated:
+        enumerate_all = lambda: amsa.enumerated_match(q, r, precision=args.precision)
         if device == "cuda":
-            results["enumerated"] = ("torch", measure(lambda: amsa.enumerated_match(q, r)),
-                                     amsa.enumerated_match(q, r))
+            results["enumerated"] = ("torch", measure(enumerate_all), enumerate_all())
         else:  # tens of seconds on CPU: with --quick a single timed run, which also gives the matches
             measure_enum = timer(device, quick=True) if not args.quick else None
             t0 = time.perf_counter()
-            exact = amsa.enumerated_match(q, r)
+            exact = enumerate_all()
             once = (time.perf_counter() - t0) * 1e3
-            ms = measure_enum(lambda: amsa.enumerated_match(q, r)) if measure_enum else (once,) * 3
+            ms = measure_enum(enumerate_all) if measure_enum else (once,) * 3
             results["enumerated"] = ("torch", ms, exact)
 
     exact = results.get("enumerated", (None, None, None))[2]
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             speed = results["enumerated"][1][0] / p50
         print(f"{name:<24} {p50:>10.2f} {p20:>10.2f} {p80:>10.2f} {m.flops / 1e9:>9.2f} {agree:>8.2f} "
               f"{m.score.mean().item():>10.4f} {gap:>7.3f} {speed:>8.1f}x")
-        rows.append({**env, "matcher": name.split("/")[0], "backend": backend, "data": args.data,
+        rows.append({**env, "matcher": name.split("/")[0] + ("-bf16" if name == "enumerated" and
+                                                             args.precision == "bf16" else ""),
+                     "backend": backend, "data": args.data,
                      "batch": args.batch, "channels": C, "height": size, "width": size, "refs": 1,
                      "iters": "-".join(map(str, iters)) if name != "enumerated" else "",
                      "offset_corrected": int(args.offset_corrected) if name != "enumerated" else "",

@@ -42,6 +42,19 @@ def test_zero_patches_score_zero():
     assert (m.score[0, :4, :4] == 0).all()
 
 
+def test_enumerated_bf16_rescored_agrees_with_fp32():
+    q, r = smooth_features(2, 16, 20, 18, seed=19), smooth_features(2, 16, 17, 21, seed=20)
+    e32 = amsa.enumerated_match(q, r)
+    e16 = amsa.enumerated_match(q, r, precision="bf16", chunk=50)
+    # Winners are re-scored in fp32: scores are true similarities, never above the optimum.
+    torch.testing.assert_close(e16.score.double(), similarity64(q, r, e16.pos), atol=1e-5, rtol=0)
+    assert (e16.score <= e32.score + 1e-6).all()
+    assert (e16.pos == e32.pos).all(-1).float().mean() > 0.99
+    assert e16.flops == e32.flops
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        amsa.enumerated_match(q, r, precision="tf16")
+
+
 @pytest.mark.parametrize("offset_corrected", [False, True])
 @pytest.mark.parametrize("iters", [(1, 1, 2, 6), (1, 1, 1, 4), (3,)])
 def test_patchmatch_scores_are_true_similarities_and_bounded_by_enumerated(iters, offset_corrected):
