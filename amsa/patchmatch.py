@@ -16,12 +16,14 @@ and keeps the best candidate. CFE-PatchMatch runs this on the levels 1/8, 1/4, 1
 
 Dilation rule (the paper's t): on a level whose query map is h x w, one iteration is the sweep of
 dilations k = 2^t for t = 0, ..., T-1 with T = max(1, floor(log2(min(h, w) / 8))), i.e. the paper's
-t < log2(sqrt(N)/8) with sqrt(N) taken as the shorter side. The rule depends only on the query size, so
-references of any size share one schedule (and one batched launch).
+t = 0 .. log2(sqrt(N)/8) - 1 (Fig. 3) with sqrt(N) taken as the shorter side and the log rounded
+down. The rule depends only on the query size, so references of any size share one schedule (and one
+batched launch).
 
 Two backends compute the same algorithm: PyTorch (chunked gathers, memory O(N*C)) and Triton
 (``kernels/patchmatch.py``: one fused launch per step for all references). Positions agree between the
-two up to exact floating-point ties.
+two up to near-ties: candidates whose scores differ by a few ulp, where the backends' summation orders
+(and the compiled kernel's division) can round differently.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class Match:
     """Correspondences of every query pixel in one reference map.
 
     pos: int64 [B, Hq, Wq, 2], (y, x) of the matched patch centre in reference pixels (H_i in the paper);
-    score: float32 [B, Hq, Wq], cosine similarity of the two 3x3 patches, in [-1, 1] (S_i);
+    score: float32 [B, Hq, Wq] (float64 for float64 features), cosine similarity of the two 3x3 patches,
+    in [-1, 1] (S_i);
     flops: analytic FLOPs spent (multiply-adds count 2); history: per-iteration snapshots or None."""
 
     pos: torch.Tensor
@@ -188,7 +191,7 @@ def _levels(x, n_levels: int, name: str) -> list[torch.Tensor]:
 
 def dilations(query_size: tuple[int, int]) -> list[int]:
     """Dilations 2^t, t = 0..T-1, of one iteration on a level whose query map is ``query_size``:
-    T = max(1, floor(log2(min(h, w) / 8))) (paper: t < log2(sqrt(N) / 8))."""
+    T = max(1, floor(log2(min(h, w) / 8))) (paper, Fig. 3: t = 0 .. log2(sqrt(N) / 8) - 1, rounded down)."""
     T = max(1, math.floor(math.log2(min(query_size) / 8)))
     return [2**t for t in range(T)]
 
@@ -220,7 +223,7 @@ def upsample_positions(
 
     Each fine query pixel takes the match of the coarse pixel whose cell contains its centre, displaced by
     its sub-cell offset and scaled to the fine reference grid, with pixel centres aligned:
-    y_fine = round((y_coarse + 0.5 + dy) * Hr / hr - 0.5). An exact 2x translation stays exact."""
+    y_fine = floor((y_coarse + 0.5 + dy) * Hr / hr). An exact 2x translation stays exact."""
     B, h, w, _ = pos.shape
     H, W = query_size_to
     dev = pos.device
@@ -312,7 +315,8 @@ class _TorchLevel:
             dots.append(torch.bmm(r.view(n, m, -1), q.view(n, -1, 1)).view(n, m))
         dot = torch.cat(dots)
         den = self.qnorm[self.qcentre][:, None] * self.rnorm[rcentre]
-        return torch.where(den > 0, dot / den.clamp_min(1e-30), torch.zeros_like(dot)).clamp(-1.0, 1.0)
+        safe = torch.where(den > 0, den, torch.ones_like(den))  # exact division, also for tiny norms
+        return torch.where(den > 0, dot / safe, torch.zeros_like(dot)).clamp(-1.0, 1.0)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2: scores of positions [B, hq, wq, 2] -> [B, hq, wq]."""
@@ -353,11 +357,13 @@ class _TorchLevel:
 # Matching drivers
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+    if backend == "auto":  # float64 (reference checks) always takes the PyTorch path
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 features, got torch.float64")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs CUDA tensors (on CPU only with TRITON_INTERPRET=1, set before "
@@ -434,7 +440,7 @@ def cfe_patchmatch(
     for i, lv in enumerate([q_levels, *r_levels]):
         for x in lv if isinstance([query, *refs][i], Pyramid) else lv[-1:]:
             _check_finite(x, "query" if i == 0 else (f"ref[{i - 1}]" if many else "ref"))
-    backend = _resolve_backend(backend, q_levels[-1].device)
+    backend = _resolve_backend(backend, q_levels[-1].device, q_levels[-1].dtype)
     B = q_levels[-1].shape[0]
     C = q_levels[-1].shape[1]
     device = q_levels[-1].device
@@ -515,7 +521,7 @@ RESCORE_TOP = 8
 def _normalise(u: torch.Tensor) -> torch.Tensor:
     """Unit-norm rows (zero rows stay zero)."""
     n = u.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, u / n.clamp_min(1e-30), torch.zeros_like(u))
+    return torch.where(n > 0, u / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(u))
 
 
 def _unfold_normalised(x: torch.Tensor) -> torch.Tensor:

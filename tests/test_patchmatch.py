@@ -240,6 +240,23 @@ def test_device_mismatch_is_reported():
         amsa.cfe_patchmatch(q, torch.empty(1, 4, 32, 32, device="meta"))
 
 
+def test_tiny_feature_magnitudes_still_give_cosines():
+    q, r = torch.randn(1, 3, 9, 8) * 1e-17, torch.randn(1, 3, 8, 9) * 1e-17  # patch norms^2 ~ 1e-33
+    m = amsa.cfe_patchmatch(q, r, iters=(2,))
+    torch.testing.assert_close(m.score.double(), similarity64(q, r, m.pos), atol=1e-5, rtol=0)
+    e = amsa.enumerated_match(q, r)
+    torch.testing.assert_close(e.score.double(), cosine_matrix64(q, r).max(-1).values.view(1, 9, 8),
+                               atol=1e-5, rtol=0)
+
+
+def test_float64_takes_the_pytorch_path():
+    from amsa.patchmatch import _resolve_backend
+
+    assert _resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
+    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16"):
+        _resolve_backend("triton", torch.device("cuda"), torch.float64)
+
+
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     from amsa.patchmatch import _resolve_backend
 
