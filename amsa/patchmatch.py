@@ -357,9 +357,13 @@ class _TorchLevel:
 # Matching drivers
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def _check_backend(backend: str) -> None:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    _check_backend(backend)
     if backend == "auto":  # float64 (reference checks) always takes the PyTorch path
         return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton" and dtype == torch.float64:
@@ -586,8 +590,7 @@ class CFEPatchMatch(torch.nn.Module):
                  offset_corrected: bool = False, backend: str = "auto"):
         super().__init__()
         self.iters = _check_iters(iters)
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        _check_backend(backend)
         self.seed, self.offset_corrected, self.backend = seed, offset_corrected, backend
 
     def forward(self, query, ref, init=None):
