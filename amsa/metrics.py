@@ -108,4 +108,3 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, *, crop_border: int = 4) -> torch.T
     cov = local_mean(y_sr * y_hr) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
-
