@@ -64,10 +64,25 @@ def _keep_better(best, idx, s, j, offset: int):
     return torch.where(better, s, best), torch.where(better, j + offset, idx)
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """'tf32': fp32 matmuls and convolutions on TF32 tensor cores (no effect on CPU); 'fp32' (or 'bf16',
+    whose matmuls are bf16 anyway): full fp32, also for cuDNN convolutions (TF32 by default)."""
+    old, old_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
 @torch.no_grad()
 def c2_enumerated(query: torch.Tensor, ref, *, chunk: int | None = None):
-    """Enumerated matching, C2-Matching style (fp32): ``F.conv2d(query, normalised ref patches)`` over
-    chunks of ``chunk`` reference patches, argmax over them, score = max / ||query patch||.
+    """Enumerated matching, C2-Matching style (true fp32, cuDNN's TF32 off): ``F.conv2d(query,
+    normalised ref patches)`` over chunks of ``chunk`` reference patches, argmax over them, score =
+    max / ||query patch||.
 
     query [B, C, Hq, Wq], ref [B, C, Hr, Wr] (or a list) -> Match (or a list); same argmax as
     ``amsa.enumerated_match`` (dividing by the query norm does not move a row's argmax)."""
@@ -83,25 +98,15 @@ def c2_enumerated(query: torch.Tensor, ref, *, chunk: int | None = None):
         filters = _unfold_normalised(r).view(B, nr, C, 3, 3)  # C2-Matching's sample_patches + norm
         best = torch.full((B, hq * wq), -float("inf"), device=query.device)
         idx = torch.zeros(B, hq * wq, dtype=torch.int64, device=query.device)
-        for b in range(B):
-            qb = query[b : b + 1].float()
-            for i in range(0, nr, n):
-                s, j = F.conv2d(qb, filters[b, i : i + n], padding=1)[0].view(-1, hq * wq).max(0)
-                best[b], idx[b] = _keep_better(best[b], idx[b], s, j, i)
+        with matmul_precision("fp32"):
+            for b in range(B):
+                qb = query[b : b + 1].float()
+                for i in range(0, nr, n):
+                    s, j = F.conv2d(qb, filters[b, i : i + n], padding=1)[0].view(-1, hq * wq).max(0)
+                    best[b], idx[b] = _keep_better(best[b], idx[b], s, j, i)
         score = torch.where(qnorm > 0, best / torch.where(qnorm > 0, qnorm, 1.0), 0.0)
         out.append(_to_match(score, idx, hq, wq, wr, enumerated_flops(B, C, (hq, wq), [(hr, wr)])))
     return out if many else out[0]
-
-
-@contextlib.contextmanager
-def _float32_matmul(precision: str):
-    """'tf32': fp32 matmuls on TF32 tensor cores (no effect on CPU); 'fp32': full fp32."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @torch.no_grad()
@@ -119,7 +124,7 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     qn = _unfold_normalised(query).to(dtype)  # [B, Nq, 9C]
     out = []
-    with _float32_matmul(precision):
+    with matmul_precision(precision):
         for r in refs:
             hr, wr = r.shape[-2:]
             rn = _unfold_normalised(r).to(dtype)

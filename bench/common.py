@@ -1,5 +1,14 @@
-"""Shared benchmark plumbing: timing (CUDA: triton.testing.do_bench; CPU: repeated wall clock), the
-environment stamp of every result row, and appending rows to one CSV per benchmark."""
+"""Shared benchmark plumbing: timing with quantiles and peak memory, the environment stamp of every
+result row, and the one results CSV (``bench/results/results.csv``) every benchmark appends to.
+
+Timing. CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed between reps, median and 20/80 %
+quantiles) for calls under 100 ms; longer calls are timed with CUDA events over a few reps, within the
+time budget (do_bench would first spend 5 calls estimating). CPU: repeated wall-clock runs after a
+warm-up, as many as ``budget_s`` allows (at least one).
+
+Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before
+it (the call's extra memory). CPU: not measured (left empty; the CPU allocator has no such counter).
+"""
 
 from __future__ import annotations
 
@@ -10,35 +19,83 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_CSV = RESULTS / "results.csv"
+
+# Columns of results.csv. bench: matching | step | deform_conv | model; impl: implementation/provider;
+# status: ok | skipped | oom | error, with the reason in note.
+FIELDS = [
+    "bench", "impl", "mode", "dtype", "data", "batch", "channels", "height", "width", "refs", "iters",
+    "offset_corrected", "offset_groups", "status", "note", "p50_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+    "gflops", "agreement_pct", "mean_score", "score_gap_pct", "device", "torch", "triton", "commit",
+    "timestamp",
+]
+# do_bench for calls shorter than this (ms); CUDA events over a few reps above it.
+DO_BENCH_MAX_MS = 100.0
 
 
-def timer(device: str, quick: bool) -> Callable[[Callable], tuple[float, float, float]]:
-    """A function timing ``fn()``: (median, 20 %, 80 % quantiles) in milliseconds, after a warm-up run."""
-    if device == "cuda":
+@dataclass
+class Timing:
+    p50_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float | None  # extra memory of one call (CUDA), None on CPU
+    result: Any  # what the warm-up call returned (for quality checks)
+
+    def fields(self) -> dict[str, str]:
+        return {"p50_ms": f"{self.p50_ms:.4f}", "p20_ms": f"{self.p20_ms:.4f}",
+                "p80_ms": f"{self.p80_ms:.4f}",
+                "peak_mem_mb": "" if self.peak_mem_mb is None else f"{self.peak_mem_mb:.1f}"}
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return statistics.median(times), q[0], q[3]
+
+
+def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s: float = 10.0) -> Timing:
+    """Time ``fn()``: median and 20/80 % quantiles in ms, peak extra memory, and the warm-up's result."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    result = fn()  # warm-up: compiles kernels, fills caches
+    if cuda:
+        torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    reps = 3 if quick else 10
+    if cuda and first_ms < DO_BENCH_MAX_MS:
         import triton.testing
 
-        def cuda_time(fn):
-            reps = 50 if quick else 200
-            return tuple(triton.testing.do_bench(fn, warmup=25, rep=reps, quantiles=[0.5, 0.2, 0.8]))
-
-        return cuda_time
-
-    def cpu_time(fn):
-        fn()
-        times = []
-        for _ in range(3 if quick else 10):
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return Timing(p50, p20, p80, peak, result)
+    reps = max(1, min(reps, int(budget_s * 1e3 / max(first_ms, 1e-3))))
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-        return statistics.median(times), q[0], q[3]
-
-    return cpu_time
+    return Timing(*_quantiles(times), peak, result)
 
 
 def git_commit() -> str:
@@ -69,12 +126,20 @@ def environment(device: str) -> dict[str, str]:
     }
 
 
-def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (header written when the file is new)."""
+def append_rows(rows: list[dict], path: Path = RESULTS_CSV) -> None:
+    """Append ``rows`` (dicts over FIELDS; missing fields empty) to the results CSV at ``path``."""
+    unknown = {k for r in rows for k in r} - set(FIELDS)
+    if unknown:
+        raise ValueError(f"rows have fields not in bench.common.FIELDS: {sorted(unknown)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def read_rows(path: Path = RESULTS_CSV) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,37 +1,40 @@
-"""CFE-PatchMatch vs enumerated matching: time, analytic GFLOPs and quality, one row per matcher.
+"""Matchers side by side: CFE-PatchMatch (Triton, PyTorch) vs the baselines of ``bench.baselines`` and
+``amsa.enumerated_match``: time, peak memory, analytic GFLOPs and quality, one CSV row per matcher.
 
     python -m bench.patchmatch                       # demo pair at 256x256, C=64 (filter-bank features)
-    python -m bench.patchmatch --data random --size 250 --channels 256
+    python -m bench.patchmatch --data random --size 250 --channels 256 --refs 5
     python -m bench.patchmatch --quick               # small, for CI and smoke tests
 
-On CUDA the Triton path is first checked against the PyTorch path on the same inputs (identical positions
-up to float ties, scores within 1e-4), then everything is timed with ``triton.testing.do_bench`` (median,
-20/80 % quantiles); on CPU with repeated wall-clock runs (``--repeat``). Rows are appended to
-``bench/results/patchmatch.csv`` with device name, versions, commit and time.
+Quality is measured against exact fp32 enumerated matching (``enumerated/fp32``, computed when it fits the
+budget): agreement = % of query pixels (over batch and references) with the same position; mean_score =
+mean exact cosine (Eq. 1, re-scored with ``amsa.patch_similarity``) at the returned positions; gap = 1 -
+mean_score / exact mean_score, in %. Calls whose estimated time exceeds the budget (from the rate an
+implementation reached on a smaller shape, else a planning rate), or whose estimated memory does not fit,
+are recorded as ``skipped`` with the reason. Rows go to ``bench/results/results.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import amsa
-from bench.common import RESULTS, append_rows, environment, timer
-
-FIELDS = [
-    "matcher", "backend", "data", "batch", "channels", "height", "width", "refs", "iters", "offset_corrected",
-    "p50_ms", "p20_ms", "p80_ms", "gflops", "agreement_pct", "mean_score", "score_gap_pct", "speedup",
-    "device", "torch", "triton", "commit", "timestamp",
-]
+from bench import baselines
+from bench.common import RESULTS_CSV, append_rows, environment, measure
+from bench.flops import enumerated_flops, official_patchmatch_flops, patchmatch_flops, ref_sizes
 
 
-def features(data: str, size: int, channels: int, batch: int, device: str):
-    """Query and reference features: the demo pair through the filter bank (C = 64), or smooth random
-    maps (bicubic-upsampled noise; the reference a rescaled, shifted crop of the query's source)."""
+def features(data: str, size: int, channels: int, batch: int, refs: int, device: str):
+    """Query [B, C, size, size] and ``refs`` reference maps at the paper's scales 0.8^i (sizes
+    ``bench.flops.ref_sizes``): the demo pair through the filter bank (C = 64), or smooth random maps
+    (bicubic-upsampled noise; the reference a rescaled, shifted crop of the query's source)."""
     if data == "demo":
         from amsa.features import FilterBankExtractor
         from amsa.images import demo_pair
@@ -39,103 +42,207 @@ def features(data: str, size: int, channels: int, batch: int, device: str):
         pair = demo_pair(hr_size=size)
         ex = FilterBankExtractor()
         q, r = ex(pair.lr_up), ex(pair.ref_blur)
-        return (q.expand(batch, -1, -1, -1).contiguous().to(device),
-                r.expand(batch, -1, -1, -1).contiguous().to(device))
-    g = torch.Generator().manual_seed(0)
-    big = size + size // 4
-    src = torch.nn.functional.interpolate(torch.randn(batch, channels, big // 6, big // 6, generator=g),
-                                          size=(big, big), mode="bicubic", align_corners=False)
-    q = src[..., size // 16 : size // 16 + size, size // 8 : size // 8 + size]
-    r = torch.nn.functional.interpolate(src[..., : size + size // 6, : size + size // 6], size=(size, size),
-                                        mode="bilinear", antialias=True)
-    return q.contiguous().to(device), r.contiguous().to(device)
+        q, r = q.expand(batch, -1, -1, -1), r.expand(batch, -1, -1, -1)
+    else:
+        g = torch.Generator().manual_seed(0)
+        big = size + size // 4
+        src = F.interpolate(torch.randn(batch, channels, max(2, big // 6), max(2, big // 6), generator=g),
+                            size=(big, big), mode="bicubic", align_corners=False)
+        q = src[..., size // 16 : size // 16 + size, size // 8 : size // 8 + size]
+        r = F.interpolate(src[..., : size + size // 6, : size + size // 6], size=(size, size),
+                          mode="bilinear", antialias=True)
+    scaled = [r if s == (size, size) else F.interpolate(r, size=s, mode="bilinear", antialias=True)
+              for s in ref_sizes(size, refs)]
+    return q.contiguous().to(device), [x.contiguous().to(device) for x in scaled]
 
 
-def check_triton_against_torch(q, r, iters, offset_corrected: bool) -> str:
-    t = amsa.cfe_patchmatch(q, r, iters, backend="torch", offset_corrected=offset_corrected)
-    k = amsa.cfe_patchmatch(q, r, iters, backend="triton", offset_corrected=offset_corrected)
-    same = (t.pos == k.pos).all(-1).float().mean().item() * 100
-    diff = (t.score - k.score).abs().max().item()
-    ok = same > 99.0 and diff < 1e-4
-    verdict = "OK" if ok else "FAIL"
-    return f"triton vs torch: {same:.3f} % identical positions, max score diff {diff:.2e} -> {verdict}"
+@dataclass
+class Matcher:
+    """run(query, refs, iters) -> list[Match]; flops(B, C, size, ref_sizes, iters); kind: the planning
+    rate that applies before a measured one exists."""
+
+    run: Callable
+    flops: Callable
+    kind: str
+    exact_scores: bool = True  # Match.score is the fp32 cosine at pos (else re-scored for the quality)
+
+
+def _pm_flops(B, C, size, rs, iters):
+    return patchmatch_flops(B, C, size, iters, len(rs))
+
+
+def _official_flops(B, C, size, rs, iters):
+    return official_patchmatch_flops(B, C, size, iters, len(rs))
+
+
+def _enum_flops(B, C, size, rs, iters):
+    return enumerated_flops(B, C, size, rs)
+
+
+def _exact_enumerated(q, refs, iters):
+    with baselines.matmul_precision("fp32"):
+        return amsa.enumerated_match(q, refs)
+
+
+def matchers(device: str, offset_corrected: bool = False) -> dict[str, Matcher]:
+    """Every matcher available on ``device``, in the order they are run (the exact reference first).
+    ``offset_corrected`` applies to cfe_patchmatch; the official-style PatchMatch has only the paper form."""
+    cfe = lambda backend: lambda q, r, it: amsa.cfe_patchmatch(q, r, it, backend=backend,
+                                                               offset_corrected=offset_corrected)
+    found = {
+        "enumerated/fp32": Matcher(_exact_enumerated, _enum_flops, "gemm_fp32"),
+        "cfe_patchmatch/torch": Matcher(cfe("torch"), _pm_flops, "pm_torch"),
+        "c2_enumerated/fp32": Matcher(lambda q, r, it: baselines.c2_enumerated(q, r), _enum_flops,
+                                      "conv_fp32"),
+        "enumerated/bf16": Matcher(lambda q, r, it: amsa.enumerated_match(q, r, precision="bf16"),
+                                   _enum_flops, "gemm_bf16"),
+        "matmul_argmax/bf16": Matcher(lambda q, r, it: baselines.chunked_matmul_argmax(q, r), _enum_flops,
+                                      "gemm_bf16", exact_scores=False),
+    }
+    if not offset_corrected:
+        found["official_patchmatch/torch"] = Matcher(baselines.official_patchmatch, _official_flops,
+                                                     "pm_official")
+    if device == "cuda":
+        found["matmul_argmax/tf32"] = Matcher(
+            lambda q, r, it: baselines.chunked_matmul_argmax(q, r, precision="tf32"), _enum_flops,
+            "gemm_tf32", exact_scores=False)
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        found["cfe_patchmatch/triton"] = Matcher(cfe("triton"), _pm_flops, "pm_triton")
+    return found
+
+
+# Planning rates in FLOP/s, used only to skip calls that would not fit the budget before an
+# implementation has a measured rate (then its rate on the previous shape is used). Deliberately low.
+PLANNING_RATES = {
+    "cuda": {"gemm_fp32": 20e12, "conv_fp32": 10e12, "gemm_bf16": 100e12, "gemm_tf32": 50e12,
+             "pm_triton": 2e12, "pm_torch": 0.3e12, "pm_official": 0.2e12},
+    "cpu": {"gemm_fp32": 60e9, "conv_fp32": 30e9, "gemm_bf16": 60e9, "gemm_tf32": 60e9,
+            "pm_triton": 0.5e6, "pm_torch": 2e9, "pm_official": 2e9},  # pm_triton: the interpreter
+}
+
+
+def official_bytes(C: int, size: int) -> int:
+    """Peak extra memory of the official-style PatchMatch: one sample's [9, 9C, N] fp32 gather and the
+    product of the same size."""
+    return 2 * 9 * 9 * C * size * size * 4
+
+
+@dataclass
+class Planner:
+    """Decides what to skip: estimated time per call (x calls per measurement) against ``budget_s``,
+    estimated memory against the free GPU memory, and the suite's remaining time ``deadline`` (a
+    time.monotonic() value, or None)."""
+
+    device: str
+    budget_s: float
+    deadline: float | None = None
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def skip_reason(self, name: str, m: Matcher, flops: int, C: int, size: int) -> str:
+        import time
+
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "suite time budget exhausted"
+        rate = self.rates.get(name) or PLANNING_RATES[self.device][m.kind]
+        est = flops / rate
+        if 2 * est > self.budget_s:  # warm-up + at least one timed call
+            source = "measured" if name in self.rates else "planning"
+            return f"estimated {est:.3g} s per call ({source} rate {rate / 1e9:.3g} GFLOP/s) > budget"
+        if self.device == "cuda" and m.kind == "pm_official":
+            need, free = official_bytes(C, size), torch.cuda.mem_get_info()[0]
+            if need > 0.8 * free:
+                return f"estimated {need / 2**30:.1f} GiB > 80 % of free GPU memory ({free / 2**30:.1f} GiB)"
+        return ""
+
+    def record(self, name: str, flops: int, p50_ms: float) -> None:
+        self.rates[name] = flops / (p50_ms / 1e3)
+
+
+def _mean_exact_score(q: torch.Tensor, refs: list[torch.Tensor], ms, exact_scores: bool) -> float:
+    scores = [m.score if exact_scores else amsa.patch_similarity(q, r, m.pos) for m, r in zip(ms, refs)]
+    return torch.stack([s.double().mean() for s in scores]).mean().item()
+
+
+def bench_config(q: torch.Tensor, refs: list[torch.Tensor], iters: tuple[int, ...], names: list[str],
+                 planner: Planner, *, quick: bool, data: str, offset_corrected: bool = False,
+                 log=print) -> list[dict]:
+    """Time every matcher in ``names`` on one configuration; one row each (status ok/skipped/oom)."""
+    device = q.device.type
+    B, C, size = q.shape[0], q.shape[1], q.shape[-1]
+    rs = [tuple(r.shape[-2:]) for r in refs]
+    available = matchers(device, offset_corrected)
+    base = {"bench": "matching", "dtype": str(q.dtype).removeprefix("torch."), "data": data, "batch": B,
+            "channels": C, "height": size, "width": q.shape[-2], "refs": len(refs)}
+    exact = None
+    rows = []
+    for name in names:
+        if name not in available:
+            raise ValueError(f"unknown or unavailable matcher {name!r} on {device}; have {sorted(available)}")
+        m = available[name]
+        flops = m.flops(B, C, (size, size), rs, iters)
+        row = {**base, "impl": name, "gflops": f"{flops / 1e9:.3f}",
+               "iters": "-".join(map(str, iters)) if m.kind.startswith("pm") else "",
+               "offset_corrected": int(offset_corrected) if m.kind.startswith("pm") else ""}
+        reason = planner.skip_reason(name, m, flops, C, size)
+        if reason:
+            rows.append({**row, "status": "skipped", "note": reason})
+            log(f"  {name:<28} skipped: {reason}")
+            continue
+        try:
+            t = measure(lambda m=m: m.run(q, refs, iters), device, quick=quick, budget_s=planner.budget_s)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({**row, "status": "oom", "note": "out of memory"})
+            log(f"  {name:<28} out of memory")
+            continue
+        planner.record(name, flops, t.p50_ms)
+        ms = t.result
+        if m.kind.startswith("pm") and sum(x.flops for x in ms) != flops:
+            raise AssertionError(f"{name}: Match.flops {sum(x.flops for x in ms)} != analytic {flops}")
+        mean = _mean_exact_score(q, refs, ms, m.exact_scores)
+        quality = {"mean_score": f"{mean:.5f}"}
+        if name == "enumerated/fp32":
+            exact = (ms, mean)
+        if exact is not None:
+            same = torch.cat([(a.pos == e.pos).all(-1).flatten() for a, e in zip(ms, exact[0])])
+            quality.update(agreement_pct=f"{same.double().mean().item() * 100:.3f}",
+                           score_gap_pct=f"{(1 - mean / exact[1]) * 100:.4f}")
+        rows.append({**row, **t.fields(), **quality, "status": "ok"})
+        mem = "" if t.peak_mem_mb is None else f" {t.peak_mem_mb:9.1f} MB"
+        log(f"  {name:<28} {t.p50_ms:>10.3f} ms ({t.p20_ms:.3f}-{t.p80_ms:.3f}) {flops / 1e9:>10.2f} GFLOP"
+            f"{mem} agree {quality.get('agreement_pct', '-')} % score {mean:.5f}")
+        del ms, t
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("demo", "random"), default="demo")
-    p.add_argument("--size", type=int, default=None, help="H = W of both maps (default 256, --quick 64)")
+    p.add_argument("--size", type=int, default=None, help="H = W of the query map (default 256, --quick 32)")
     p.add_argument("--channels", type=int, default=64, help="channels of random data (demo: 64)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--refs", type=int, default=1, help="reference scales 0.8^i, i < refs (1..5)")
     p.add_argument("--iters", default="1,1,2,6", help="iterations per level, coarse to fine")
     p.add_argument("--offset-corrected", action="store_true", help="classic PatchMatch LR propagation")
-    p.add_argument("--backends", default="", help="comma-separated subset of torch,triton (default: "
-                   "triton on CUDA, torch on CPU; both on CUDA with --check)")
-    p.add_argument("--no-enumerated", action="store_true", help="skip enumerated matching")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="enumerated matching's products (bf16: top-8 re-scored in fp32); agreement and "
-                   "gap are always against fp32 enumerated matching")
+    p.add_argument("--impls", default="", help="comma-separated matchers (default: all available)")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget per measurement (default "
+                   "60 s, --quick 5 s)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=str(RESULTS / "patchmatch.csv"))
+    p.add_argument("--csv", default=str(RESULTS_CSV))
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = args.size or (64 if args.quick else 256)
+    size = args.size or (32 if args.quick else 256)
     iters = tuple(int(i) for i in args.iters.split(","))
-    default = ["torch", "triton"] if device == "cuda" else ["torch"]
-    backends = args.backends.split(",") if args.backends else default
-    q, r = features(args.data, size, args.channels, args.batch, device)
-    C = q.shape[1]
-    print(f"{args.data} features: query {tuple(q.shape)}, ref {tuple(r.shape)}, {device}")
-    if device == "cuda" and "triton" in backends:
-        print(check_triton_against_torch(q, r, iters, args.offset_corrected))
-
-    measure = timer(device, args.quick)
-    results = {}
-    oc = args.offset_corrected
-    for backend in backends:
-        run = lambda b=backend: amsa.cfe_patchmatch(q, r, iters, backend=b, offset_corrected=oc)
-        results[f"cfe_patchmatch/{backend}"] = (backend, measure(run), run())
-    if not args.no_enumerated:
-        enumerate_all = lambda: amsa.enumerated_match(q, r, precision=args.precision)
-        if device == "cuda":
-            results["enumerated"] = ("torch", measure(enumerate_all), enumerate_all())
-        else:  # tens of seconds on CPU: with --quick a single timed run, which also gives the matches
-            measure_enum = timer(device, quick=True) if not args.quick else None
-            t0 = time.perf_counter()
-            exact = enumerate_all()
-            once = (time.perf_counter() - t0) * 1e3
-            ms = measure_enum(enumerate_all) if measure_enum else (once,) * 3
-            results["enumerated"] = ("torch", ms, exact)
-
-    # Quality is always measured against the exact (fp32) enumerated matches.
-    exact = results.get("enumerated", (None, None, None))[2]
-    if exact is not None and args.precision != "fp32":
-        exact = amsa.enumerated_match(q, r)
+    names = args.impls.split(",") if args.impls else list(matchers(device, args.offset_corrected))
+    q, refs = features(args.data, size, args.channels, args.batch, args.refs, device)
+    print(f"{args.data} features: query {tuple(q.shape)}, refs {[tuple(r.shape) for r in refs]}, {device}")
+    planner = Planner(device, args.budget_s or (5.0 if args.quick else 60.0))
+    rows = bench_config(q, refs, iters, names, planner, quick=args.quick, data=args.data,
+                        offset_corrected=args.offset_corrected)
     env = environment(device)
-    rows = []
-    print(f"\n{'matcher':<24} {'p50 ms':>10} {'p20':>10} {'p80':>10} {'GFLOPs':>9} {'agree %':>8} "
-          f"{'mean score':>10} {'gap %':>7} {'speed-up':>9}")
-    for name, (backend, (p50, p20, p80), m) in results.items():
-        agree = gap = speed = float("nan")
-        if exact is not None:
-            agree = (m.pos == exact.pos).all(-1).float().mean().item() * 100
-            gap = (1 - m.score.mean().item() / exact.score.mean().item()) * 100
-            speed = results["enumerated"][1][0] / p50
-        print(f"{name:<24} {p50:>10.2f} {p20:>10.2f} {p80:>10.2f} {m.flops / 1e9:>9.2f} {agree:>8.2f} "
-              f"{m.score.mean().item():>10.4f} {gap:>7.3f} {speed:>8.1f}x")
-        rows.append({**env, "matcher": name.split("/")[0] + ("-bf16" if name == "enumerated" and
-                                                             args.precision == "bf16" else ""),
-                     "backend": backend, "data": args.data,
-                     "batch": args.batch, "channels": C, "height": size, "width": size, "refs": 1,
-                     "iters": "-".join(map(str, iters)) if name != "enumerated" else "",
-                     "offset_corrected": int(args.offset_corrected) if name != "enumerated" else "",
-                     "p50_ms": f"{p50:.3f}", "p20_ms": f"{p20:.3f}", "p80_ms": f"{p80:.3f}",
-                     "gflops": f"{m.flops / 1e9:.3f}", "agreement_pct": f"{agree:.3f}",
-                     "mean_score": f"{m.score.mean().item():.5f}", "score_gap_pct": f"{gap:.4f}",
-                     "speedup": f"{speed:.2f}"})
-    append_rows(Path(args.csv), FIELDS, rows)
-    print(f"\n{len(rows)} rows appended to {args.csv} ({env['device']}, torch {env['torch']}, "
+    append_rows([{**r, **env} for r in rows], Path(args.csv))
+    print(f"{len(rows)} rows appended to {args.csv} ({env['device']}, torch {env['torch']}, "
           f"triton {env['triton']}, commit {env['commit']})")
     return 0
 
