@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 import amsa
+from amsa.convergence import convergence_curve
 from amsa.features import FilterBankExtractor
 from amsa.images import DemoPair, demo_pair
 
@@ -80,32 +81,6 @@ def _timed(fn: Callable, device: torch.device):
     out = fn()
     _sync(device)
     return out, time.perf_counter() - t0
-
-
-def convergence_curve(match: amsa.Match, query: torch.Tensor, ref: torch.Tensor, exact: amsa.Match) -> dict:
-    """From ``match.history`` (``history=True``), the state after every iteration brought to full
-    resolution (:func:`amsa.upsample_positions`) and scored there (:func:`amsa.patch_similarity`).
-
-    Returns lists ``iteration`` (iterations counted at full resolution: a coarse iteration counts as one,
-    as in the paper's Fig. 5; entering a finer level costs none), ``level``, ``gflops`` (cumulative),
-    ``mean_score`` and ``agreement`` (% of pixels with the same position as ``exact``)."""
-    if not match.history:
-        raise ValueError("convergence_curve needs a Match computed with history=True")
-    q_size, r_size = tuple(query.shape[-2:]), tuple(ref.shape[-2:])
-    curve: dict[str, list] = {k: [] for k in ("iteration", "level", "gflops", "mean_score", "agreement")}
-    done = 0
-    for snap in match.history:
-        done = done + 1 if snap.iteration > 0 else done
-        pos = snap.pos
-        if tuple(pos.shape[1:3]) != q_size or tuple(snap.ref_size) != r_size:
-            pos = amsa.upsample_positions(pos, tuple(snap.ref_size), r_size, q_size)
-        score = amsa.patch_similarity(query, ref, pos)
-        curve["iteration"].append(done)
-        curve["level"].append(snap.level)
-        curve["gflops"].append(snap.flops / 1e9)
-        curve["mean_score"].append(score.mean().item())
-        curve["agreement"].append(100.0 * (pos == exact.pos).all(-1).float().mean().item())
-    return curve
 
 
 def _format_table(rows: list[MethodResult]) -> str:
