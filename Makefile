@@ -22,17 +22,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
+# Quick CPU smoke run of the whole suite into out/ (the record: `make bench BENCH_ARGS=` appends the full
+# run to bench/results/results.csv; then `python -m plots.benchmarks` redraws plots and summary).
+BENCH_ARGS ?= --quick --csv out/bench/results.csv
 bench: $(VENV)/.installed
-	$(PY) -m bench.patchmatch --quick
-	$(PY) -m bench.deform_conv --quick
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.suite $(BENCH_ARGS)
 
-# On a CUDA machine whose python3 already has torch and triton: every test on the GPU, then the
-# benchmarks (the matcher's Triton-vs-PyTorch check first); results are appended to bench/results/.
+# On a CUDA machine whose python3 already has torch and triton: every test on the GPU, then the whole
+# benchmark suite (budgeted to ~6 min, skipped shapes recorded with the reason) appended to
+# bench/results/results.csv, then plots and summary redrawn.
 gpu-check:
 	python3 -m pytest -q tests
-	python3 -m bench.patchmatch
-	python3 -m bench.patchmatch --data random --size 250 --channels 256
-	python3 -m bench.deform_conv
+	python3 -m bench.suite --time-budget-s 360
+	python3 -m plots.benchmarks
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff
