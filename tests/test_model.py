@@ -229,3 +229,19 @@ def test_default_reference_minimum_is_96_pixels():
         m = amsa.AMSA(ngf=8, n_blocks=1, backend="torch")
     with pytest.raises(ValueError, match=r"smaller than the 96x96 the 4 matching levels need"):
         m.match(torch.rand(1, 3, 24, 24), torch.rand(1, 3, 95, 120))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_path_runs_and_is_batch_consistent():
+    """On CUDA ("auto": Triton matching and deformable convolutions) the model runs on the tensors' device
+    and a batch still equals its samples one at a time."""
+    torch.manual_seed(2)
+    m = tiny_model(backend="auto").cuda()
+    lr = torch.rand(2, 3, 11, 13, device="cuda")
+    ref = torch.rand(2, 3, 30, 41, device="cuda")
+    with torch.no_grad():
+        sr = m(lr, ref)
+        assert sr.device == lr.device and sr.shape == (2, 3, 44, 52) and torch.isfinite(sr).all()
+        for b in range(2):
+            torch.testing.assert_close(sr[b:b + 1], m(lr[b:b + 1], ref[b:b + 1]), rtol=1e-3, atol=1e-4)
