@@ -245,3 +245,21 @@ def test_cuda_triton_path_runs_and_is_batch_consistent():
         assert sr.device == lr.device and sr.shape == (2, 3, 44, 52) and torch.isfinite(sr).all()
         for b in range(2):
             torch.testing.assert_close(sr[b:b + 1], m(lr[b:b + 1], ref[b:b + 1]), rtol=1e-3, atol=1e-4)
+
+
+def test_official_content_takes_every_scale_from_the_unscaled_reference():
+    """With official_content the content features V_i of every scale come from Ref_0: a model whose scaled
+    references are replaced by Ref_0 gives the same output; the paper mode (V_i from Ref_i) differs."""
+    torch.manual_seed(4)
+    paper = tiny_model()
+    official = tiny_model(official_content=True)
+    official.load_state_dict(paper.state_dict())
+    lr, ref = torch.rand(1, 3, 8, 9), torch.rand(1, 3, 32, 36)
+    with torch.no_grad():
+        captured = {}
+        hook = official.vgg.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
+        out_official = official(lr, ref)
+        hook.remove()
+        x = captured["x"]
+        assert x.shape[0] == official.ref_scales and all(torch.equal(x[i], x[0]) for i in range(x.shape[0]))
+        assert not torch.allclose(out_official, paper(lr, ref))
