@@ -114,8 +114,9 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
     """Enumerated matching as a strong baseline would do it: S = Qn @ Rn^T (Eq. 1 on normalised
     [N, 9C] patch matrices) one block of ``block`` reference patches at a time, with a running max/argmax.
 
-    precision: "bf16" (bf16 products, fp32 accumulation), "tf32" or "fp32". Scores are those of the
-    products (bf16-rounded inputs for "bf16"); rescore positions with ``amsa.patch_similarity``."""
+    precision: "bf16" (bf16 inputs, fp32 accumulation, the output block rounded to bf16 as torch's bf16
+    matmul returns it: the argmax is exact up to one bf16 ulp of the scores), "tf32" or "fp32". Scores
+    are those of the products; rescore positions with ``amsa.patch_similarity``."""
     if precision not in ("bf16", "tf32", "fp32"):
         raise ValueError(f"precision must be 'bf16', 'tf32' or 'fp32', got {precision!r}")
     refs, many = _refs(ref)
