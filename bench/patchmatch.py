@@ -46,8 +46,8 @@ def features(data: str, size: int, channels: int, batch: int, refs: int, device:
     else:
         g = torch.Generator().manual_seed(0)
         big = size + size // 4
-        src = F.interpolate(torch.randn(batch, channels, max(2, big // 6), max(2, big // 6), generator=g),
-                            size=(big, big), mode="bicubic", align_corners=False)
+        noise = torch.randn(batch, channels, max(2, big // 6), max(2, big // 6), generator=g).to(device)
+        src = F.interpolate(noise, size=(big, big), mode="bicubic", align_corners=False)  # on the device
         q = src[..., size // 16 : size // 16 + size, size // 8 : size // 8 + size]
         r = F.interpolate(src[..., : size + size // 6, : size + size // 6], size=(size, size),
                           mode="bilinear", antialias=True)
