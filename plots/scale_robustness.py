@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size if args.size is not None else (64 if args.quick else 160)
     ratios = args.ratios if args.ratios is not None else ([1.6, 1.0, 0.5] if args.quick else list(RATIOS))
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
-    if size < 32 or size % 4:
-        raise SystemExit(f"--size must be a multiple of 4 and at least 32, got {size}")
+    if size < 64 or size % 4:  # the smallest reference, 0.8^4 of it, must allow 4 levels (24 pixels)
+        raise SystemExit(f"--size must be a multiple of 4 and at least 64, got {size}")
     if not ratios or not all(0.25 <= r <= 4.0 for r in ratios):
         raise SystemExit(f"--ratios must lie in [0.25, 4], got {ratios}")
     if not seeds:
