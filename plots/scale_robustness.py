@@ -25,8 +25,11 @@ rho <= 4: the 4x down-up reference at scale rho keeps the photo's frequencies up
 limit, all of which the photo has. Writes ``scale_robustness.png`` and ``.csv`` (one row per ratio,
 seed and variant). ``--quick``: 64x64, three ratios, to ``out/plots``.
 
-Fig. 7 in SR PSNR needs the AMSA network with trained weights; neither is available here, so this study
-covers matching only.
+Fig. 7 in SR PSNR: with ``--weights restoration.pth`` (and ``--feature-weights``, ``--vgg-weights``, as
+:class:`amsa.AMSA` takes them) the HR crop is also super-resolved from its 4x LR with the (sharp)
+reference, by AMSA with one reference scale and with n = 5, and the Y-channel PSNR (border 4) against the
+HR crop is added (``psnr`` rows, a fourth panel). No trained weights are available offline, so the
+committed figure covers matching only.
 """
 
 from __future__ import annotations
@@ -62,11 +65,15 @@ def truth_in(truth: torch.Tensor, size_from: tuple[int, int], size_to: tuple[int
     return (truth + 0.5) * s - 0.5
 
 
+def _ref_size(rho: float, size: int) -> int:
+    """The reference's side: ``size``, or less where the photo rescaled by rho is smaller."""
+    photo_side = min(load_image(sample_photo_path()).shape[-2:])
+    return min(size, int(photo_side * rho) // 4 * 4)
+
+
 def study_ratio(rho: float, size: int, seeds: list[int], extractor, *, backend: str = "auto") -> list[dict]:
     """Match one scale ratio; one CSV row per seed and variant (single-scale, multi-scale)."""
-    photo_side = min(load_image(sample_photo_path()).shape[-2:])  # the rescaled photo must hold the ref
-    ref_size = min(size, int(photo_side * rho) // 4 * 4)
-    pair = demo_pair(size, ref_size=ref_size, ref_scale=rho)
+    pair = demo_pair(size, ref_size=_ref_size(rho, size), ref_scale=rho)
     refs = multi_scale(pair.ref)
     sizes = [tuple(r.shape[-2:]) for r in refs]
     q, *rs = features(extractor, pair.lr_up, *refs)
@@ -92,12 +99,39 @@ def study_ratio(rho: float, size: int, seeds: list[int], extractor, *, backend: 
     return rows
 
 
-def plot(rows: list[dict], path: str, size: int) -> None:
+def sr_psnr(model, rho: float, size: int) -> list[dict]:
+    """Fig. 7 proper: PSNR of AMSA's 4x SR of the HR crop with a reference at scale ``rho``, using one
+    reference scale and the model's n scales (``model.ref_scales`` is set for each, then restored)."""
+    from amsa.evaluate import super_resolve
+    from amsa.metrics import psnr
+
+    pair = demo_pair(size, ref_scale=rho, ref_size=_ref_size(rho, size))
+    n = model.ref_scales
+    rows = []
+    try:
+        for variant, scales in (("single-scale", 1), (f"multi-scale n={n} k={model.scale_factor:g}", n)):
+            model.ref_scales = scales
+            sr = super_resolve(model, pair.lr, pair.ref)
+            rows.append({"rho": rho, "gamma": 4 * rho, "variant": variant,
+                         "psnr": float(psnr(sr, pair.hr).mean())})
+    finally:
+        model.ref_scales = n
+    return rows
+
+
+def plot(rows: list[dict], path: str, size: int, psnr_rows: list[dict] | None = None) -> None:
     from matplotlib.figure import Figure
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig = Figure(figsize=(15, 4.6), dpi=90)
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(20 if psnr_rows else 15, 4.6), dpi=90)
+    axes = fig.subplots(1, 4 if psnr_rows else 3)
+    if psnr_rows:
+        for variant, colour in zip(dict.fromkeys(r["variant"] for r in psnr_rows), ("tab:blue", "tab:red")):
+            mine = sorted((r["gamma"], r["psnr"]) for r in psnr_rows if r["variant"] == variant)
+            axes[3].plot([g for g, _ in mine], [p for _, p in mine], "o-", color=colour,
+                         label=f"AMSA {variant}")
+        axes[3].set_ylabel("SR PSNR (Y, dB) of the HR crop", fontsize=9)
+        axes[3].legend(fontsize=8)
     panels = (("within_px", f"% of overlap pixels matched within {TOLERANCE_PX:g} px of the truth"),
               ("mean_score", "mean cosine of the kept match (overlap pixels)"),
               ("chosen_scale", "scale of the kept reference / HR scale (geo. mean)"))
@@ -135,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=parse_ints, default=None,
                     help="comma-separated (default 0,1; --quick: 0)")
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    ap.add_argument("--weights", default=None, help="AMSA restoration weights: adds SR PSNR (Fig. 7 proper)")
+    ap.add_argument("--feature-weights", default=None, help="with --weights: matching extractor weights")
+    ap.add_argument("--vgg-weights", default=None, help="with --weights: VGG19 weights")
     ap.add_argument("--quick", action="store_true", help="small run for CI, written to out/plots")
     ap.add_argument("--out", default=None, help="output folder (default plots/figures; --quick: out/plots)")
     args = ap.parse_args(argv)
@@ -147,8 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--ratios must lie in [0.25, 4], got {ratios}")
     if not seeds:
         raise SystemExit("--seeds must name at least one seed")
+    if args.weights is not None and size < 96:
+        raise SystemExit(f"--weights: AMSA needs references of at least 96 pixels: --size >= 96, got {size}")
     out = output_dir(args.out, args.quick)
     extractor = FilterBankExtractor()
+    model = None
+    if args.weights is not None:
+        from amsa.model import AMSA
+
+        model = AMSA(weights=args.weights, feature_weights=args.feature_weights, vgg_weights=args.vgg_weights,
+                     backend=args.backend).eval()
+    psnr_rows: list[dict] = []
     rows = []
     for rho in ratios:
         t0 = time.perf_counter()
@@ -156,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += new
         line = ", ".join(f"{r['variant']}: {r['within_px']:.1f} % within, S {r['mean_score']:.4f}, "
                          f"scale {r['chosen_scale']:.2f}" for r in new if r["seed"] == seeds[0])
+        if model is not None:
+            psnr_rows += sr_psnr(model, rho, size)
+            line += ", SR PSNR " + ", ".join(f"{r['variant']}: {r['psnr']:.2f} dB" for r in psnr_rows[-2:])
         print(f"rho {rho:g} (gamma {4 * rho:g}): {line} ({time.perf_counter() - t0:.1f} s)")
     write_csv(os.path.join(out, "scale_robustness.csv"), rows)
-    plot(rows, os.path.join(out, "scale_robustness.png"), size)
+    if psnr_rows:
+        write_csv(os.path.join(out, "scale_robustness_psnr.csv"), psnr_rows)
+    plot(rows, os.path.join(out, "scale_robustness.png"), size, psnr_rows)
     print(f"wrote {os.path.join(out, 'scale_robustness')}.png, .csv")
     return 0
 

@@ -219,3 +219,27 @@ def test_fig7_multi_scale_recovers_a_larger_reference(tmp_path):
     assert val(1.0, "single-scale", "within_px") > 60 and val(1.0, "multi-scale", "within_px") > 60
     with pytest.raises(SystemExit, match="ratios"):
         main(["--quick", "--ratios", "8", "--out", str(tmp_path)])
+
+
+def test_fig7_sr_psnr_with_weights(tmp_path):
+    """--weights adds the SR PSNR of AMSA with one and with five reference scales (here random weights of
+    the official size: the plumbing, not the numbers)."""
+    import warnings
+
+    from amsa.model import AMSA
+    from plots.scale_robustness import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights warn
+        torch.save(AMSA().net.state_dict(), tmp_path / "restoration.pth")
+    with pytest.raises(SystemExit, match="96"):
+        main(["--quick", "--weights", str(tmp_path / "restoration.pth"), "--out", str(tmp_path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = str(tmp_path / "restoration.pth")
+        assert main(["--size", "96", "--ratios", "1", "--seeds", "0", "--weights", weights,
+                     "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "scale_robustness_psnr.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [r["variant"] for r in got] == ["single-scale", "multi-scale n=5 k=0.8"]
+    assert all(5 < float(r["psnr"]) < 60 for r in got) and got[0]["psnr"] != got[1]["psnr"]
