@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from amsa.images import bicubic_resize, load_image
+from amsa.images import bicubic_resize, load_image, sample_photo_path
 from amsa.metrics import quantize_8bit
 
 __all__ = [
+    "SAMPLE_FOLDER",
     "CUFED5TestSet",
     "CUFEDTrainSet",
     "SelfReferenceSet",
@@ -45,6 +46,9 @@ __all__ = [
     "mod_crop",
 ]
 
+# SelfReferenceSet(folder=SAMPLE_FOLDER) uses the photos matplotlib ships (grace_hopper.jpg and two small
+# PNGs): a folder every installation has, for smoke runs and CI.
+SAMPLE_FOLDER = "@sample"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 Sample = dict[str, object]
 
@@ -117,8 +121,10 @@ def _random_crop(
 def _check_sizes(gt_size: int, scale: int, what: str) -> None:
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"{what}: scale must be a positive int, got {scale!r}")
-    if not isinstance(gt_size, int) or gt_size < 8 * scale or gt_size % (8 * scale):
-        raise ValueError(f"{what}: gt_size must be a multiple of {8 * scale} (8 x scale), got {gt_size!r}")
+    if not isinstance(gt_size, int) or gt_size < 4 * scale or gt_size % scale:
+        raise ValueError(
+            f"{what}: gt_size must be a multiple of scale {scale} and >= {4 * scale}, got {gt_size!r}"
+        )
 
 
 class CUFEDTrainSet(Dataset):
@@ -126,7 +132,7 @@ class CUFEDTrainSet(Dataset):
 
     Args:
         root: folder holding ``input/`` and ``ref/`` with the same file names.
-        gt_size: HR crop size (official 160), a multiple of ``8 * scale``.
+        gt_size: HR crop size (official 160), a multiple of ``scale``.
         scale: super-resolution factor (4).
         flip, rot90: training augmentation.
     """
@@ -172,7 +178,7 @@ class SelfReferenceSet(Dataset):
     the same flips and rotation when ``augment_data`` is on.
 
     Photos must be at least ``gt_size`` pixels on each side; where the window would exceed the photo the
-    scale is raised until it fits.
+    scale is raised until it fits. ``folder=SAMPLE_FOLDER`` (``"@sample"``) uses matplotlib's sample photos.
     """
 
     def __init__(
@@ -196,6 +202,8 @@ class SelfReferenceSet(Dataset):
             raise ValueError(f"SelfReferenceSet: max_shift must be in [0, 1], got {max_shift}")
         if gamma_jitter < 0:
             raise ValueError(f"SelfReferenceSet: gamma_jitter must be >= 0, got {gamma_jitter}")
+        if folder == SAMPLE_FOLDER:
+            folder = os.path.dirname(sample_photo_path())
         self.folder = folder
         self.names = _list_images(folder, "SelfReferenceSet")
         self.gt_size, self.scale = gt_size, scale

@@ -10,6 +10,7 @@ so an interrupted run never leaves a half-written image or table.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +22,7 @@ from torch import nn
 from amsa.images import save_image
 from amsa.metrics import psnr, quantize_8bit, ssim
 
-__all__ = ["EvalResult", "EvalRow", "atomic_write", "evaluate", "super_resolve"]
+__all__ = ["EvalResult", "EvalRow", "atomic_write", "evaluate", "load_model", "super_resolve"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -159,3 +160,61 @@ def evaluate(
             if progress is not None:
                 progress(row)
     return result
+
+
+def _model_kwargs(weights: str, model_config: str | None) -> dict:
+    """AMSA keyword arguments: from ``model_config`` (a training ``config.json`` with a ``model`` entry, or a
+    JSON object of AMSA arguments), else from the ``config.json`` a training run wrote next to ``weights``,
+    else the defaults (the official model size)."""
+    path = model_config
+    if path is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(weights)), "config.json")
+        path = beside if os.path.isfile(beside) else None
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model config {path!r} does not exist")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config {path!r} is not valid JSON: {exc}") from exc
+    kwargs = raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model config {path!r}: expected a JSON object of AMSA arguments")
+    return dict(kwargs)
+
+
+def load_model(
+    weights: str,
+    *,
+    model_config: str | None = None,
+    feature_weights: str | None = None,
+    vgg_weights: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """An :class:`amsa.AMSA` in eval mode with the restoration weights ``weights`` (a training run's
+    ``restoration.pth`` or ``checkpoint.pt``, or an official ``restoration*.pth``).
+
+    The architecture comes from ``model_config`` or the run's ``config.json`` beside ``weights`` (see
+    :func:`_model_kwargs`); ``feature_weights`` / ``vgg_weights`` override the matching extractor's and
+    VGG19's weights given there. Raises ``FileNotFoundError`` for missing files and
+    :class:`amsa.checkpoints.CheckpointError` (a ``ValueError``) when the weights do not fit the model.
+    """
+    from amsa.model import AMSA
+
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file {weights!r} does not exist")
+    kwargs = _model_kwargs(weights, model_config)
+    kwargs["weights"] = weights
+    for key, value in (("feature_weights", feature_weights), ("vgg_weights", vgg_weights)):
+        if value is not None:
+            kwargs[key] = value
+    for key in ("feature_weights", "vgg_weights"):
+        if kwargs.get(key) is not None and not os.path.isfile(kwargs[key]):
+            raise FileNotFoundError(f"{key} file {kwargs[key]!r} does not exist")
+    try:
+        model = AMSA(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model config: {exc}") from exc
+    return model.to(device).eval()

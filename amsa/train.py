@@ -272,7 +272,13 @@ def _resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Global RNG states as tensors and plain values, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -280,8 +286,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -521,7 +529,7 @@ def _load_checkpoint(path, cfg, pg, net, disc, opt_g, opt_d, sched_g, sched_d) -
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"train: checkpoint {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "step" not in state or "opt_g" not in state:
         raise ValueError(
             f"train: {path!r} is not a training checkpoint (use model.weights to start from weights)"
