@@ -162,16 +162,16 @@ def evaluate(
     return result
 
 
-def _model_kwargs(weights: str, model_config: str | None) -> dict:
-    """AMSA keyword arguments: from ``model_config`` (a training ``config.json`` with a ``model`` entry, or a
-    JSON object of AMSA arguments), else from the ``config.json`` a training run wrote next to ``weights``,
-    else the defaults (the official model size)."""
+def _model_kwargs(weights: str, model_config: str | None) -> tuple[dict, int]:
+    """AMSA keyword arguments and the run's seed: from ``model_config`` (a training ``config.json`` with a
+    ``model`` entry, or a JSON object of AMSA arguments), else from the ``config.json`` a training run wrote
+    next to ``weights``, else the defaults (the official model size) and seed 0."""
     path = model_config
     if path is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(weights)), "config.json")
         path = beside if os.path.isfile(beside) else None
     if path is None:
-        return {}
+        return {}, 0
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model config {path!r} does not exist")
     with open(path) as f:
@@ -182,7 +182,8 @@ def _model_kwargs(weights: str, model_config: str | None) -> dict:
     kwargs = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(kwargs, dict):
         raise ValueError(f"model config {path!r}: expected a JSON object of AMSA arguments")
-    return dict(kwargs)
+    seed = raw.get("seed", 0) if "model" in raw else 0
+    return dict(kwargs), int(seed)
 
 
 def load_model(
@@ -205,7 +206,7 @@ def load_model(
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file {weights!r} does not exist")
-    kwargs = _model_kwargs(weights, model_config)
+    kwargs, seed = _model_kwargs(weights, model_config)
     kwargs["weights"] = weights
     for key, value in (("feature_weights", feature_weights), ("vgg_weights", vgg_weights)):
         if value is not None:
@@ -213,8 +214,12 @@ def load_model(
     for key in ("feature_weights", "vgg_weights"):
         if kwargs.get(key) is not None and not os.path.isfile(kwargs[key]):
             raise FileNotFoundError(f"{key} file {kwargs[key]!r} does not exist")
-    try:
-        model = AMSA(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"model config: {exc}") from exc
+    # Parts without weights (extractors of a smoke run) are random: seed them as training did
+    # (torch.manual_seed(cfg.seed) right before building the model), so they are the ones it trained with.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = AMSA(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"model config: {exc}") from exc
     return model.to(device).eval()
