@@ -113,11 +113,11 @@ def summary_rows(pair: str, curves: dict[str, list[dict]], methods: tuple[Method
         for key in ("mse_score", "mse_warped", "agreement", "mean_score"):
             mean, lo, hi = _stats([c[key][-1] for c in runs])
             row.update({f"{key}_mean": f"{mean:.6g}", f"{key}_min": f"{lo:.6g}", f"{key}_max": f"{hi:.6g}"})
-        base = curves.get(baseline.name)
+        base, final = curves.get(baseline.name), runs[0]["gflops"][-1]
         for key in ("mse_score", "agreement"):
             at = ""
-            if base is not None and base[0]["gflops"][0] <= row["gflops"] <= base[0]["gflops"][-1]:
-                at = f"{_stats([value_at(b['gflops'], b[key], row['gflops']) for b in base])[0]:.6g}"
+            if base is not None and base[0]["gflops"][0] <= final <= base[0]["gflops"][-1]:
+                at = f"{_stats([value_at(b['gflops'], b[key], final) for b in base])[0]:.6g}"
             row[f"full_res_{key}_at_same_flops"] = at
         rows.append(row)
     return rows
