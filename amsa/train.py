@@ -1,11 +1,28 @@
 """Training AMSA (paper section 3.3 and 4.2): ``python -m amsa train --config FILE``.
 
-One process per device. On one device run it directly; on several GPUs launch it with
-``torchrun --nproc_per_node=N -m amsa train --config FILE``: each process takes ``batch_size`` samples
-per micro-batch, and after ``grad_accum`` micro-batches the gradients are averaged over the processes with
-one all-reduce and every replica takes the same optimiser step (data parallelism). The gradients are
-reduced by hand rather than through ``DistributedDataParallel``'s backward hooks, which the critic's
-gradient penalty (a double backward) and the accumulation would otherwise have to work around.
+One process per device. On one device run it directly (no process group, no wrapper); on several GPUs
+launch it with ``torchrun --nproc_per_node=N -m amsa train --config FILE``: each process takes
+``batch_size`` samples per micro-batch and the trained modules are wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel` (DDP; NCCL on GPUs, gloo on CPU). The first
+``grad_accum - 1`` micro-batches of an update run under ``no_sync()``, so gradients accumulate locally and
+DDP all-reduces them once per update, bucket by bucket while the last micro-batch's backward is still
+running; every replica then takes the same optimiser step. The gradient is the mean over processes of
+each process's ``sum over micro-batches of loss / grad_accum`` (global batch ``N x batch_size x
+grad_accum``). DDP wraps:
+
+* the generator: the whole model goes through DDP (its forward must, for DDP's bookkeeping) but DDP
+  ignores every parameter and buffer outside ``model.net``, so only the restoration network is broadcast
+  at start and reduced; the frozen extractors are left alone;
+* the critic, WGAN-GP included: the penalty takes ``autograd.grad`` w.r.t. the critic's *input* (not its
+  parameters, which DDP does not support) and the following ``backward`` of ``critic + gp_weight * GP``
+  reaches every critic parameter once, so DDP's hooks see ordinary ``.grad`` accumulation (the gradients
+  equal a hand all-reduce of the local ones). The generator's adversarial term calls the bare critic
+  (frozen), outside DDP.
+
+DDP's per-forward buffer broadcast is off: it copies rank 0's buffers at the *start* of each forward, so
+the replicas' BatchNorm statistics would still differ after the last forward (and in checkpoints), at one
+broadcast per critic forward. Instead floating-point buffers (the critic's BN running statistics) are
+averaged over the processes after every update, which keeps the replicas bitwise identical.
 
 One *update* = ``grad_accum`` micro-batches on every process, then one step of each optimiser:
 
@@ -17,13 +34,14 @@ One *update* = ``grad_accum`` micro-batches on every process, then one step of e
 
 All randomness is explicit (data order and augmentation from :class:`amsa.data.TrainBatchSampler`, the
 gradient penalty's mixing weights from a generator seeded by the update and micro-batch), and a checkpoint
-holds model, critic, optimisers, schedulers, RNG states and the update counter, so a resumed run equals an
-uninterrupted one.
+holds model, critic, optimisers, schedulers, RNG states and the update counter (the bare modules' state
+dicts, official key names, never DDP's ``module.`` ones), so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -31,12 +49,14 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from amsa.data import CUFED5TestSet, CUFEDTrainSet, SelfReferenceSet, TrainBatchSampler
@@ -248,10 +268,36 @@ class _Dist:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def broadcast_(self, module: nn.Module) -> None:
+    def broadcast_buffers_(self, module: nn.Module) -> None:
+        """Rank 0's buffers to every process (DDP broadcasts the parameters when it wraps a module)."""
         if self.world > 1:
-            for t in list(module.parameters()) + list(module.buffers()):
+            for t in module.buffers():
                 dist.broadcast(t.data, 0)
+
+    def wrap(self, module: nn.Module, device: torch.device, only: nn.Module | None = None) -> nn.Module:
+        """``module`` in :class:`DistributedDataParallel` (``module`` itself in a single process).
+
+        ``only``: a submodule of ``module``; DDP then ignores (neither broadcasts nor reduces) every
+        parameter and buffer outside it. Unused parameters are not searched for (every trained parameter
+        gets a gradient each micro-batch), and buffers are not broadcast at each forward (see the module
+        docstring).
+        """
+        if self.world == 1:
+            return module
+        if only is not None:
+            prefix = next(name for name, m in module.named_modules() if m is only)
+            inside = prefix + "."
+            ignore = [
+                name
+                for name, _ in [*module.named_parameters(), *module.named_buffers()]
+                if not name.startswith(inside)
+            ]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+        return DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            **_DDP_NO_FORWARD_BUFFER_SYNC,
+        )
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -260,6 +306,25 @@ class _Dist:
     def close(self) -> None:
         if self.owns_group:
             dist.destroy_process_group()
+
+
+# Turn off DDP's buffer broadcast at every forward (torch >= 2.13 names it forward_sync_buffers and
+# deprecates broadcast_buffers; older releases only know broadcast_buffers).
+_DDP_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _no_sync(module: nn.Module):
+    """DDP's ``no_sync()`` (no all-reduce in this backward; gradients accumulate locally) or nothing."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) else nullcontext()
+
+
+def _unwrap(module: nn.Module | None) -> nn.Module | None:
+    """The bare module under a DDP wrapper (whose state-dict keys would carry a ``module.`` prefix)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def _resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -368,10 +433,15 @@ def _train(
         step = _load_checkpoint(resume, cfg, pg, net, disc, opt_g, opt_d, sched_g, sched_d)
         if pg.main:
             log(f"resumed from {resume} at update {step}")
-    else:
-        pg.broadcast_(net)
-        if disc is not None:
-            pg.broadcast_(disc)
+    # identical replicas: DDP broadcasts rank 0's parameters when it wraps; buffers here
+    pg.broadcast_buffers_(net)
+    if disc is not None:
+        pg.broadcast_buffers_(disc)
+    # what the loop calls: DDP wrappers with several processes, the bare modules with one; checkpoints and
+    # the returned state always use the bare modules (official key names)
+    g_model = pg.wrap(model, device, only=net)
+    d_model = pg.wrap(disc, device) if disc is not None else None
+    wrappers = [w for w in (d_model, g_model) if w is not None]
 
     dataset = build_dataset(cfg.train_data, train=True)
     sampler = TrainBatchSampler(
@@ -411,49 +481,54 @@ def _train(
     while step < end:
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            lr_img, ref, hr = (batch[k].to(device, non_blocking=True) for k in ("lr", "ref", "hr"))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                sr = model(lr_img, ref)
-            sr = sr.float()
-            terms: dict[str, torch.Tensor] = {}
-            if disc is not None:
-                # critic on the current output (detached), then the generator against the frozen critic
-                g = torch.Generator().manual_seed(
-                    cfg.seed * 2**32 + (step * cfg.grad_accum + micro) * pg.world + pg.rank
-                )
-                alpha = torch.rand(hr.shape[0], generator=g).to(device)
-                l_critic = wgan_critic_loss(disc(hr), disc(sr.detach()))
-                l_gp = gradient_penalty(disc, hr, sr, alpha)
-                ((l_critic + cfg.gp_weight * l_gp) / cfg.grad_accum).backward()
-                terms["critic"], terms["gp"] = l_critic.detach(), l_gp.detach()
-                disc.requires_grad_(False)
-            loss = torch.zeros((), device=device)
-            if cfg.w_rec > 0:
-                terms["rec"] = reconstruction_loss(sr, hr)
-                loss = loss + cfg.w_rec * terms["rec"]
-            if perceptual is not None:
-                terms["per"] = perceptual(sr, hr)
-                loss = loss + cfg.w_per * terms["per"]
-            if disc is not None:
-                terms["adv"] = wgan_generator_loss(disc(sr))
-                loss = loss + cfg.w_adv * terms["adv"]
-            (loss / cfg.grad_accum).backward()
-            if disc is not None:
-                disc.requires_grad_(True)
+            with ExitStack() as no_sync:
+                # all but the last micro-batch: accumulate locally; the last one's backward all-reduces
+                if micro < cfg.grad_accum - 1:
+                    for w in wrappers:
+                        no_sync.enter_context(_no_sync(w))
+                batch = next(batches)
+                lr_img, ref, hr = (batch[k].to(device, non_blocking=True) for k in ("lr", "ref", "hr"))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    sr = g_model(lr_img, ref)
+                sr = sr.float()
+                terms: dict[str, torch.Tensor] = {}
+                if disc is not None:
+                    # critic on the current output (detached), then the generator against the frozen critic
+                    g = torch.Generator().manual_seed(
+                        cfg.seed * 2**32 + (step * cfg.grad_accum + micro) * pg.world + pg.rank
+                    )
+                    alpha = torch.rand(hr.shape[0], generator=g).to(device)
+                    l_critic = wgan_critic_loss(d_model(hr), d_model(sr.detach()))
+                    l_gp = gradient_penalty(d_model, hr, sr, alpha)
+                    ((l_critic + cfg.gp_weight * l_gp) / cfg.grad_accum).backward()
+                    terms["critic"], terms["gp"] = l_critic.detach(), l_gp.detach()
+                    disc.requires_grad_(False)
+                loss = torch.zeros((), device=device)
+                if cfg.w_rec > 0:
+                    terms["rec"] = reconstruction_loss(sr, hr)
+                    loss = loss + cfg.w_rec * terms["rec"]
+                if perceptual is not None:
+                    terms["per"] = perceptual(sr, hr)
+                    loss = loss + cfg.w_per * terms["per"]
+                if disc is not None:
+                    # the bare critic: frozen here, so nothing of it is reduced
+                    terms["adv"] = wgan_generator_loss(disc(sr))
+                    loss = loss + cfg.w_adv * terms["adv"]
+                (loss / cfg.grad_accum).backward()
+                if disc is not None:
+                    disc.requires_grad_(True)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"train: non-finite loss at update {step}: {_fmt_terms(terms)}")
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
 
+        # the gradients are now averaged over the processes (DDP, in the last micro-batch's backward)
         for module, opt, sched in ((disc, opt_d, sched_d), (net, opt_g, sched_g)):
             if module is None:
                 continue
-            params = [p for p in module.parameters() if p.requires_grad]
-            for p in params:
-                if p.grad is None:
+            for p in module.parameters():
+                if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
-            pg.average_([p.grad for p in params])
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -508,6 +583,7 @@ def _validate(model: nn.Module, val_set, cfg: TrainConfig, step: int, log: Calla
 
 
 def _save_checkpoint(cfg, pg, step, net, disc, opt_g, opt_d, sched_g, sched_d) -> None:
+    net, disc = _unwrap(net), _unwrap(disc)
     state = {
         "step": step,
         "world_size": pg.world,
@@ -548,6 +624,7 @@ def _load_checkpoint(path, cfg, pg, net, disc, opt_g, opt_d, sched_g, sched_d) -
         )
     if (disc is None) != ("disc" not in state):
         raise ValueError(f"train: {path!r} and this config disagree on the adversarial loss")
+    net, disc = _unwrap(net), _unwrap(disc)
     load_weights(net, state["net"], what=f"restoration network of {path!r}")
     opt_g.load_state_dict(state["opt_g"])
     sched_g.load_state_dict(state["sched_g"])

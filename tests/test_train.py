@@ -1,6 +1,7 @@
 """Training: losses, the official critic, the loop (loss goes down), exact resume, two-process data
-parallelism (gloo on CPU). The loop is exercised with a tiny stand-in RefSR model (fast); the real
-:class:`amsa.AMSA` is trained end to end in tests/test_cli.py."""
+parallelism through DistributedDataParallel (gloo on CPU; single-process runs use neither). The loop is
+exercised with a tiny stand-in RefSR model (fast); the real :class:`amsa.AMSA` is trained end to end in
+tests/test_cli.py."""
 
 import json
 import os
@@ -9,9 +10,11 @@ import socket
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from amsa.losses import (
     ImageDiscriminator,
@@ -244,7 +247,12 @@ def test_training_reduces_loss_on_a_fixed_batch(tmp_path, photo_folder):
 
 
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_resume_is_bitwise_exact(tmp_path, photo_folder, adversarial):
+def test_resume_is_bitwise_exact(tmp_path, photo_folder, adversarial, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a single-process run must not create a process group or a DDP wrapper")
+
+    monkeypatch.setattr(dist, "init_process_group", forbidden)
+    monkeypatch.setattr(DistributedDataParallel, "__init__", forbidden)
     kw = dict(w_adv=1e-3, disc_ndf=4) if adversarial else {}
     straight = train(_cfg(tmp_path / "a", photo_folder, **kw), model_factory=tiny_factory, log=lambda s: None)
     cfg_b = _cfg(tmp_path / "b", photo_folder, **kw)
@@ -294,24 +302,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, cfg_dict, result_dir):
+def _ddp_worker(rank, world, port, cfg_dict, result_dir, count_allreduce):
+    """One torchrun-like process; records what DDP did: the wrapped modules, ``no_sync`` entries and
+    (with ``count_allreduce``, through a comm hook doing DDP's default all-reduce) the reductions."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
+    seen = {"wrapped": [], "no_sync": 0, "reductions": {}}
+    init, no_sync = DistributedDataParallel.__init__, DistributedDataParallel.no_sync
+
+    def counting_init(self, module, *args, **kwargs):
+        init(self, module, *args, **kwargs)
+        name = type(module).__name__
+        seen["wrapped"].append(name)
+        if count_allreduce:
+
+            def hook(state, bucket):
+                if bucket.is_last():  # every gradient of this wrapper reduced
+                    seen["reductions"][name] = seen["reductions"].get(name, 0) + 1
+                return allreduce_hook(state, bucket)
+
+            self.register_comm_hook(None, hook)
+
+    def counting_no_sync(self):
+        seen["no_sync"] += 1
+        return no_sync(self)
+
+    DistributedDataParallel.__init__ = counting_init
+    DistributedDataParallel.no_sync = counting_no_sync
     state = train(TrainConfig(**cfg_dict), model_factory=tiny_factory, log=lambda s: None)
     torch.save(
         {
             "net": state.model.state_dict(),
             "disc": state.disc.state_dict() if state.disc is not None else None,
+            "seen": seen,
         },
         os.path.join(result_dir, f"rank{rank}.pt"),
     )
 
 
 def test_two_process_data_parallel_keeps_replicas_identical(tmp_path, photo_folder):
-    cfg = _cfg(tmp_path / "ddp", photo_folder, updates=3, w_adv=1e-3, disc_ndf=4, batch_size=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    cfg = _cfg(tmp_path / "ddp", photo_folder, updates=3, w_adv=1e-3, disc_ndf=4, batch_size=2, grad_accum=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path), True), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for r in (r0, r1):
+        # both the generator (the model, DDP restricted to .net) and the critic went through DDP, each
+        # under no_sync for the first of its 2 micro-batches and all-reduced once per update
+        seen = r["seen"]
+        assert sorted(seen["wrapped"]) == ["ImageDiscriminator", "TinyRefSR"]
+        assert seen["no_sync"] == 2 * cfg.updates * (cfg.grad_accum - 1)
+        assert seen["reductions"] == {"ImageDiscriminator": cfg.updates, "TinyRefSR": cfg.updates}
+    # official key names: no DDP "module." prefix in what train returns or saves
+    assert set(r0["net"]) == set(tiny_factory(cfg.model).state_dict())
+    assert set(r0["disc"]) == set(ImageDiscriminator(ndf=4).state_dict())
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["net"]) == {k[len("net.") :] for k in r0["net"]} and set(ckpt["disc"]) == set(r0["disc"])
+    weights = torch.load(tmp_path / "ddp" / "restoration.pth", weights_only=True)
+    assert all(torch.equal(weights[k], r0["net"]["net." + k]) for k in weights)
     for key in r0["net"]:
         assert torch.equal(r0["net"][key], r1["net"][key]), key
     for key in r0["disc"]:
@@ -326,13 +375,15 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, photo_f
     """L1 only: 2 processes x batch 1 see exactly the samples of 1 process x batch 2 (same global order), so
     the averaged gradients and the parameters agree up to float summation order."""
     cfg2 = _cfg(tmp_path / "two", photo_folder, updates=3, batch_size=1)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg2.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg2.to_dict(), str(tmp_path), False), nprocs=2, join=True)
     one = train(
         _cfg(tmp_path / "one", photo_folder, updates=3, batch_size=2),
         model_factory=tiny_factory,
         log=lambda s: None,
     )
-    r0 = torch.load(tmp_path / "rank0.pt")["net"]
+    r0, seen = (torch.load(tmp_path / "rank0.pt")[k] for k in ("net", "seen"))
+    # DDP's own reduction (no comm hook): the generator wrapped, no_sync on all but the last micro-batch
+    assert seen["wrapped"] == ["TinyRefSR"] and seen["no_sync"] == cfg2.updates * (cfg2.grad_accum - 1)
     torch.manual_seed(cfg2.seed)
     init = tiny_factory(cfg2.model).state_dict()
     # Adam moves every weight by up to ~lr per update whatever its gradient's size, so a summation-order
