@@ -5,8 +5,8 @@
   divided by the query patch norm (Eq. 1).
 - :func:`chunked_matmul_argmax`: the strong enumerated baseline: normalised patch matrices multiplied in
   bf16 (or tf32) one block of reference patches at a time, keeping a running max/argmax (memory O(N)).
-  Its fused Triton form (one kernel, tensor-core dots, running argmax in registers) is
-  ``bench.matmul_argmax``.
+  Its fused Triton form (one kernel, tensor-core dots, running argmax in registers, CUDA only) is
+  :func:`matmul_argmax_fused` (``kernels/enumerated.py``).
 - :func:`official_patchmatch`: CFE-PatchMatch with the official release's data movement: every step
   gathers the 9 candidate patches of every query pixel, a [B, 9, 9C, H*W] tensor, and reduces it. It runs
   exactly our algorithm (same init, candidates, order and schedule as ``cfe_patchmatch``), so the speed
@@ -109,6 +109,13 @@ def c2_enumerated(query: torch.Tensor, ref, *, chunk: int | None = None):
     return out if many else out[0]
 
 
+def _rows_dtype(precision: str) -> torch.dtype:
+    """Dtype of the normalised patch rows for a matmul baseline's ``precision``."""
+    if precision not in ("bf16", "tf32", "fp32"):
+        raise ValueError(f"precision must be 'bf16', 'tf32' or 'fp32', got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 @torch.no_grad()
 def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", block: int | None = None):
     """Enumerated matching as a strong baseline would do it: S = Qn @ Rn^T (Eq. 1 on normalised
@@ -117,12 +124,10 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
     precision: "bf16" (bf16 inputs, fp32 accumulation, the output block rounded to bf16 as torch's bf16
     matmul returns it: the argmax is exact up to one bf16 ulp of the scores), "tf32" or "fp32". Scores
     are those of the products; rescore positions with ``amsa.patch_similarity``."""
-    if precision not in ("bf16", "tf32", "fp32"):
-        raise ValueError(f"precision must be 'bf16', 'tf32' or 'fp32', got {precision!r}")
+    dtype = _rows_dtype(precision)
     refs, many = _refs(ref)
     _check(query, refs)
     B, C, hq, wq = query.shape
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     qn = _unfold_normalised(query).to(dtype)  # [B, Nq, 9C]
     out = []
     with matmul_precision(precision):
@@ -136,6 +141,27 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
                 s, j = torch.bmm(qn, rn[:, i : i + n].transpose(1, 2)).float().max(2)
                 best, idx = _keep_better(best, idx, s, j, i)
             out.append(_to_match(best, idx, hq, wq, wr, enumerated_flops(B, C, (hq, wq), [(hr, wr)])))
+    return out if many else out[0]
+
+
+@torch.no_grad()
+def matmul_argmax_fused(query: torch.Tensor, ref, *, precision: str = "bf16"):
+    """:func:`chunked_matmul_argmax` as one fused Triton kernel (``kernels.enumerated.matmul_argmax``):
+    tile products on tensor cores, running max/argmax in registers, every reference in one launch; the
+    [chunk, Nr] score blocks never reach memory. CUDA tensors (CPU only under TRITON_INTERPRET=1).
+
+    precision: "bf16" (bf16 rows, fp32 accumulation, fp32 output: no bf16 rounding of the scores), "tf32"
+    or "fp32" (exact fp32 products). Ties: lowest flat index of the fp32 maximum."""
+    from kernels.enumerated import matmul_argmax  # imported lazily: triton is only needed here
+
+    dtype = _rows_dtype(precision)
+    refs, many = _refs(ref)
+    _check(query, refs)
+    B, C, hq, wq = query.shape
+    qn = _unfold_normalised(query).to(dtype)
+    found = matmul_argmax(qn, [_unfold_normalised(r).to(dtype) for r in refs], tf32=precision == "tf32")
+    out = [_to_match(best, idx, hq, wq, r.shape[-1], enumerated_flops(B, C, (hq, wq), [r.shape[-2:]]))
+           for (best, idx), r in zip(found, refs)]
     return out if many else out[0]
 
 

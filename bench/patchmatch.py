@@ -106,6 +106,10 @@ def matchers(device: str, offset_corrected: bool = False) -> dict[str, Matcher]:
         found["matmul_argmax/tf32"] = Matcher(
             lambda q, r, it: baselines.chunked_matmul_argmax(q, r, precision="tf32"), _enum_flops,
             "gemm_tf32", exact_scores=False)
+        for precision, kind in (("bf16", "gemm_bf16"), ("tf32", "gemm_tf32")):
+            found[f"matmul_argmax_fused/{precision}"] = Matcher(
+                lambda q, r, it, p=precision: baselines.matmul_argmax_fused(q, r, precision=p), _enum_flops,
+                kind, exact_scores=False)
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         found["cfe_patchmatch/triton"] = Matcher(cfe("triton"), _pm_flops, "pm_triton")
     return found

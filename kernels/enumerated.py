@@ -1,0 +1,192 @@
+"""Enumerated matching as one fused Triton kernel: row-wise max and argmax of ``Q @ R^T`` without the
+Nq x Nr matrix (the strong baseline of issue 5; ``bench.baselines.matmul_argmax_fused`` feeds it the
+normalised 3x3 patch rows of Eq. 1, D = 9C).
+
+    best[r, b, i] = max_j  <Q[b, i, :], R_r[b, j, :]>          idx[r, b, i] = the lowest such j
+
+Flash-attention-like: a program owns BLOCK_M query rows of one (batch b, reference r), loops over the
+reference in blocks of BLOCK_N rows, accumulates each BLOCK_M x BLOCK_N tile with ``tl.dot`` over D in
+BLOCK_K chunks (fp32 accumulation) and folds it into a running (max, argmax) kept in registers.
+
+Precision: bf16/fp16 rows multiply exactly (the products fit fp32) and accumulate in fp32; fp32 rows use
+exact fp32 products, or TF32 tensor cores with ``tf32=True``. Under TRITON_INTERPRET=1 every product is
+an exact fp32 product (TF32 is not emulated).
+
+Ties: the argmax is the lowest reference index among the entries whose fp32 accumulated score is the
+maximum (within a tile the lowest column wins; a later tile replaces the running best only if strictly
+greater). Two scores that are equal in exact arithmetic may still round differently in fp32 when the
+summation order differs, so against a float64 reference the argmax is exact up to such near-ties: rows
+whose best candidates lie within the fp32 accumulation error (a few ulp of 1 for unit rows).
+
+Layouts: Q [B, Nq, D] and a single reference [B, Nr, D] are read through their strides (any layout);
+several references are concatenated along the row axis, and ``ref_meta`` int64 [R, 2] holds the
+(first row, Nr) of each. The grid is (query blocks, B, R): all references in one launch. Pointer offsets
+are int64. NaN/Inf rows give unspecified results (callers check, as ``bench.baselines`` does).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.deform_conv import _dot
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tests set this to fill outputs with garbage before the kernel writes them (every element must be written).
+POISON_OUTPUTS = False
+
+ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# CUDA grid limit of the batch and reference axes.
+_MAX_GRID_YZ = 65535
+
+
+def _configs() -> list[triton.Config]:
+    """Tile shapes for sm_90 (bf16: 64-wide K chunks; fp32 operands: 32-wide, twice the bytes). The
+    interpreter runs programs one by one in NumPy: one small config, so that tiny test shapes still span
+    several blocks on every axis."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+        for bm, bn, bk, nw, ns in [
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 32, 8, 4),
+            (64, 64, 32, 4, 4),
+        ]
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["D", "IEEE"])
+@triton.jit
+def _matmul_argmax_kernel(
+    q_ptr, r_ptr, ref_meta_ptr, best_ptr, idx_ptr,
+    B, Nq, D,
+    stride_qb, stride_qm, stride_qk, stride_rb, stride_rn, stride_rk,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """best[r, b, i] = max_j Q[b, i] . R_r[b, j] (fp32), idx[r, b, i] = lowest argmax j (int64).
+
+    q [B, Nq, D], r [B, sum_r Nr_r, D] (strided), ref_meta int64 [R, 2] = (first row, Nr) of reference r,
+    best fp32 / idx int64 [R, B, Nq] contiguous. IEEE: fp32 operands multiply exactly (1) or in TF32 (0).
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(2).to(tl.int64)
+    first = tl.load(ref_meta_ptr + 2 * r)
+    Nr = tl.load(ref_meta_ptr + 2 * r + 1).to(tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < Nq
+    q_rows = q_ptr + b * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qm  # [BLOCK_M, 1]
+    r_base = r_ptr + b * stride_rb + first * stride_rn
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for n0 in range(0, Nr, BLOCK_N):
+        cols = n0 + offs_n
+        n_ok = cols < Nr
+        r_rows = r_base + cols.to(tl.int64)[:, None] * stride_rn  # [BLOCK_N, 1]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = (ks < D)[None, :]
+            q = tl.load(q_rows + ks[None, :] * stride_qk, mask=m_ok[:, None] & k_ok, other=0.0)
+            rt = tl.load(r_rows + ks[None, :] * stride_rk, mask=n_ok[:, None] & k_ok, other=0.0)
+            acc = _dot(q, tl.trans(rt), acc, IEEE)
+        s = tl.where(n_ok[None, :], acc, float("-inf"))
+        tile_max = tl.max(s, axis=1)
+        # Lowest column holding the tile's maximum (explicit, rather than relying on argmax tie rules).
+        tile_arg = tl.min(tl.where(s == tile_max[:, None], cols[None, :], Nr), axis=1)
+        better = tile_max > best  # strictly: an earlier tile keeps ties, so the lowest index wins
+        best = tl.where(better, tile_max, best)
+        arg = tl.where(better, tile_arg, arg)
+    out = (r * B + b) * Nq + offs_m
+    tl.store(best_ptr + out, best, mask=m_ok)
+    tl.store(idx_ptr + out, arg.to(tl.int64), mask=m_ok)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poison) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, poison, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@torch.library.triton_op("amsa::matmul_argmax", mutates_args=())
+def matmul_argmax_op(
+    q: torch.Tensor, r: torch.Tensor, ref_meta: torch.Tensor, n_refs: int, ieee: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best fp32, idx int64), each [R, B, Nq], for q [B, Nq, D] against the R references held in
+    r [B, sum Nr, D] as described by ref_meta [R, 2] (module docstring). Inputs are not checked here."""
+    B, Nq, D = q.shape
+    best = _alloc((n_refs, B, Nq), torch.float32, q.device, float("nan"))
+    idx = _alloc((n_refs, B, Nq), torch.int64, q.device, -7)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B, n_refs)
+
+    torch.library.wrap_triton(_matmul_argmax_kernel)[grid](
+        q, r, ref_meta, best, idx, B, Nq, D, *q.stride(), *r.stride(), IEEE=ieee)
+    return best, idx
+
+
+def _check_rows(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, N, D], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [B, N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in ROW_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must have B, N and D > 0, got shape {tuple(x.shape)}")
+
+
+def matmul_argmax(q_rows: torch.Tensor, r_rows, *, tf32: bool = False):
+    """Row-wise max and argmax of ``q_rows @ r_rows^T`` in one fused kernel, never forming the product.
+
+    Args:
+        q_rows: [B, Nq, D] query rows (float32, float16 or bfloat16; any strides).
+        r_rows: [B, Nr, D] reference rows of the same dtype, batch and D, or a list of them (any Nr each):
+            all are matched in one launch.
+        tf32: float32 rows multiply on TF32 tensor cores instead of exactly (float32 rows only).
+
+    Returns ``(best, idx)``: best float32 [B, Nq], the maximum accumulated in fp32; idx int64 [B, Nq],
+    the lowest reference row index reaching it (ties and near-ties: module docstring). A list of
+    references gives a list of such pairs. Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
+    """
+    many = isinstance(r_rows, (list, tuple))
+    refs = list(r_rows) if many else [r_rows]
+    _check_rows(q_rows, "q_rows")
+    if not refs:
+        raise ValueError("r_rows is an empty list: give at least one reference")
+    B, Nq, D = q_rows.shape
+    for i, r in enumerate(refs):
+        name = f"r_rows[{i}]" if many else "r_rows"
+        _check_rows(r, name)
+        if r.dtype != q_rows.dtype:
+            raise TypeError(f"{name} is {r.dtype} but q_rows is {q_rows.dtype}; use one dtype")
+        if r.device != q_rows.device:
+            raise ValueError(f"{name} is on {r.device} but q_rows is on {q_rows.device}")
+        if r.shape[0] != B or r.shape[2] != D:
+            raise ValueError(f"{name} has shape {tuple(r.shape)} but q_rows has {tuple(q_rows.shape)}: "
+                             "batch B and row length D must agree")
+    if tf32 and q_rows.dtype != torch.float32:
+        raise ValueError(f"tf32=True applies to float32 rows, got {q_rows.dtype}")
+    if q_rows.device.type != "cuda" and not _INTERPRET:
+        raise ValueError("matmul_argmax needs CUDA tensors (on CPU only with TRITON_INTERPRET=1, set before "
+                         "triton is imported, for tests)")
+    if B > _MAX_GRID_YZ or len(refs) > _MAX_GRID_YZ:
+        raise ValueError(f"batch ({B}) and number of references ({len(refs)}) must be <= {_MAX_GRID_YZ}")
+    sizes = [r.shape[1] for r in refs]
+    first = [sum(sizes[:i]) for i in range(len(refs))]
+    meta = torch.tensor(list(zip(first, sizes)), dtype=torch.int64, device=q_rows.device)
+    r = refs[0] if len(refs) == 1 else torch.cat(refs, dim=1)  # one reference: read in place
+    best, idx = matmul_argmax_op(q_rows, r, meta, len(refs), int(not tf32))
+    out = list(zip(best.unbind(0), idx.unbind(0)))
+    return out if many else out[0]
