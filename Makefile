@@ -7,7 +7,7 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test lint bench gpu-check gpu-test gpu-bench figures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -28,13 +28,22 @@ BENCH_ARGS ?= --quick --csv out/bench/results.csv
 bench: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.suite $(BENCH_ARGS)
 
-# On a CUDA machine whose python3 already has torch and triton: every test on the GPU, then the whole
-# benchmark suite (budgeted to ~6 min, skipped shapes recorded with the reason) appended to
-# bench/results/results.csv, then plots and summary redrawn.
-gpu-check:
+# On a CUDA machine whose python3 already has torch and triton. Two parts, each well inside one 10-minute
+# device call: every test on the GPU, then the whole benchmark suite (budgeted to ~6 min, skipped shapes
+# recorded with the reason) appended to bench/results/results.csv, plots and summary redrawn.
+gpu-check: gpu-test gpu-bench
+
+gpu-test:
 	python3 -m pytest -q tests
+
+gpu-bench:
 	python3 -m bench.suite --time-budget-s 360
 	python3 -m plots.benchmarks
+
+# The convergence studies (paper Fig. 5 and Fig. 7), regenerated into plots/figures/ (~15 min on 2 cores).
+figures: $(VENV)/.installed
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.convergence
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.scale_robustness
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff
