@@ -27,6 +27,8 @@ from bench.common import RESULTS_CSV, append_rows, environment
 STAGES = ("amsa.features", "amsa.matching", "amsa.aggregation", "amsa.restoration")
 # (LR size, reference size, batch): the LR-up / matching map is 4x the LR side.
 FULL_SHAPES = [(64, 256, 1), (125, 500, 1), (64, 256, 9)]
+# On CPU one forward of the smallest full shape already takes ~30 s on 2 cores: the larger ones are GPU-only.
+CPU_SHAPES = FULL_SHAPES[:1]
 QUICK_SHAPES = [(12, 48, 1)]
 # The quick run's model: narrow, 2 reference scales, 2 matching levels (small enough images for them).
 QUICK_MODEL = {"ngf": 16, "n_blocks": 1, "ref_scales": 2, "iters": (1, 1)}
@@ -88,11 +90,12 @@ def run(device: str, quick: bool, log=print) -> list[dict]:
         model = amsa.model.AMSA(**kw).to(device).eval()
     rows = []
     g = torch.Generator().manual_seed(0)
-    for lr_size, ref_size, batch in QUICK_SHAPES if quick else FULL_SHAPES:
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES if device == "cuda" else CPU_SHAPES
+    for lr_size, ref_size, batch in shapes:
         lr = torch.rand(batch, 3, lr_size, lr_size, generator=g).to(device)
         ref = torch.rand(batch, 3, ref_size, ref_size, generator=g).to(device)
         try:
-            t = time_stages(model, lr, ref, reps=1 if quick else 5)
+            t = time_stages(model, lr, ref, reps=1 if quick else 5 if device == "cuda" else 3)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append({"bench": "model", "impl": "amsa.AMSA", "batch": batch, "height": lr_size,

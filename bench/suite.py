@@ -146,19 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     planner.deadline = time.monotonic() + 0.75 * total if len(sections) > 1 else deadline
     for section in sections:
         if time.monotonic() > deadline:
-            rows.append({"bench": section, "status": "skipped", "note": "suite time budget exhausted"})
-            continue
-        if section == "matching":
-            rows += run_matching(args, device, planner, print)
+            new = [{"bench": section, "status": "skipped", "note": "suite time budget exhausted"}]
+        elif section == "matching":
+            new = run_matching(args, device, planner, print)
         elif section == "step":
-            rows += run_step(args, device, print)
+            new = run_step(args, device, print)
         elif section == "deform_conv":
             dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
-            for dtype in dtypes:
-                rows += deform_conv.run(device, q, dtype, list(deform_conv.MODES))
+            new = [r for dtype in dtypes for r in deform_conv.run(device, q, dtype, list(deform_conv.MODES))]
         else:
-            rows += run_model(args, device, print)
-    append_rows([{**r, **env} for r in rows], Path(args.csv))
+            new = run_model(args, device, print)
+        # Appended section by section: a run stopped by a device time limit keeps what it measured.
+        append_rows([{**r, **env} for r in new], Path(args.csv))
+        rows += new
     skipped = sum(r.get("status") != "ok" for r in rows)
     print(f"{len(rows)} rows ({skipped} skipped/oom) appended to {args.csv}")
     return 0
