@@ -25,6 +25,17 @@ from amsa.metrics import psnr, quantize_8bit, ssim
 __all__ = ["EvalResult", "EvalRow", "atomic_write", "evaluate", "load_model", "super_resolve"]
 
 
+def read_json(path: str, what: str) -> object:
+    """The JSON document at ``path``; a missing file or invalid JSON raises an error naming ``what``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} {path!r} is not valid JSON: {exc}") from exc
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path`` then rename it to ``path``; on failure
     the temporary file is removed and ``path`` is untouched. The temporary name keeps the extension (image
@@ -172,13 +183,7 @@ def _model_kwargs(weights: str, model_config: str | None) -> tuple[dict, int]:
         path = beside if os.path.isfile(beside) else None
     if path is None:
         return {}, 0
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model config {path!r} does not exist")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model config {path!r} is not valid JSON: {exc}") from exc
+    raw = read_json(path, "model config")
     kwargs = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(kwargs, dict):
         raise ValueError(f"model config {path!r}: expected a JSON object of AMSA arguments")

@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from amsa.data import CUFED5TestSet, CUFEDTrainSet, SelfReferenceSet, TrainBatchSampler
-from amsa.evaluate import atomic_write, evaluate
+from amsa.evaluate import atomic_write, evaluate, read_json
 from amsa.losses import (
     ImageDiscriminator,
     PerceptualLoss,
@@ -165,13 +165,7 @@ class TrainConfig:
 
 def load_config(path: str, **overrides: object) -> TrainConfig:
     """Read a JSON config; ``overrides`` (e.g. ``out_dir``) replace its keys. Unknown keys are errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"train: config file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"train: config {path!r} is not valid JSON: {exc}") from exc
+    raw = read_json(path, "train: config file")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
