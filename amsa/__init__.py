@@ -1,15 +1,13 @@
 """amsa: Triton kernels for reference-based super-resolution (AMSA, AAAI-22).
 
-CFE-PatchMatch (paper section 3.1, Eq. 1-5) lives in :mod:`amsa.patchmatch`; the deformable gather of the
-Dynamic Aggregation (Eq. 6-8) in :mod:`amsa.deform`.
+Layers, each importing only those below it: ``kernels/`` (Triton kernels and their ops) <-
+:mod:`amsa.matching` (CFE-PatchMatch, paper section 3.1, Eq. 1-5) and :mod:`amsa.deform` (the deformable
+gather of the Dynamic Aggregation, Eq. 6-8) <- :mod:`amsa.models` (the network, Eq. 6-10) <-
+:mod:`amsa.training`, :mod:`amsa.evaluation`, :mod:`amsa.demo` <- :mod:`amsa.cli`.
 """
 
-from amsa.aggregation import multiscale_weights, pre_offsets
-from amsa.checkpoints import CheckpointError, load_weights
 from amsa.deform import ModulatedDeformConv2d, deform_conv2d
-from amsa.extractors import ContrasExtractorSep, VGGFeatures, vgg_from_torchvision
-from amsa.model import AMSA, RestorationNet
-from amsa.patchmatch import (
+from amsa.matching import (
     CFEPatchMatch,
     Match,
     Pyramid,
@@ -19,6 +17,17 @@ from amsa.patchmatch import (
     enumerated_match,
     patch_similarity,
     upsample_positions,
+)
+from amsa.models import (
+    AMSA,
+    CheckpointError,
+    ContrasExtractorSep,
+    RestorationNet,
+    VGGFeatures,
+    load_weights,
+    multiscale_weights,
+    pre_offsets,
+    vgg_from_torchvision,
 )
 
 __all__ = [

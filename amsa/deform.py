@@ -4,8 +4,8 @@ Eq. 6 and Eq. 8 sample the reference features V bilinearly at ``p + p0 + p_j (+ 
 samples with the kernel weights w_j: a modulated deformable convolution (DCNv2). This module holds
 
 * :func:`deform_conv2d`: a drop-in for ``torchvision.ops.deform_conv2d`` (same signature, semantics and
-  layouts) that runs the Triton kernels of :mod:`kernels.deform_conv` on CUDA tensors and the vectorised
-  PyTorch implementation :func:`deform_conv2d_torch` on CPU tensors;
+  layouts) that runs the Triton kernels of ``kernels/deform_conv.py`` on CUDA tensors and the vectorised
+  PyTorch implementation :func:`deform_conv2d_torch` on CPU tensors (``backend=``: :mod:`amsa.backends`);
 * :func:`deform_conv2d_torch`: the PyTorch implementation (CPU path and reference for the kernels;
   differentiable through PyTorch's autograd);
 * :class:`ModulatedDeformConv2d`: an ``nn.Module`` holding weight and bias, taking offset and mask.
@@ -14,16 +14,13 @@ samples with the kernel weights w_j: a modulated deformable convolution (DCNv2).
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 from torch import nn
 
-try:
-    from kernels import deform_conv as _kernels
-except ImportError:  # Triton is not available on this platform: the PyTorch path still works.
-    _kernels = None
+from amsa._checks import check_same, check_tensor
+from amsa.backends import choose_backend
 
 __all__ = ["ModulatedDeformConv2d", "deform_conv2d", "deform_conv2d_torch"]
 
@@ -54,10 +51,9 @@ def _check(
     dilation: tuple[int, int],
 ) -> None:
     """Raise a clear error naming the argument and its expected shape."""
-    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"deform_conv2d: {name} must be a 4-D tensor, got {got}")
+    for name, t, layout in (("input", input, "[B, Cin, H, W]"), ("offset", offset, "[B, 2*G*kh*kw, Ho, Wo]"),
+                            ("weight", weight, "[Cout, Cin/groups, kh, kw]")):
+        check_tensor(t, f"deform_conv2d: {name}", 4, layout)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(
             f"deform_conv2d: need stride >= 1, dilation >= 1 and padding >= 0, got stride={stride}, "
@@ -101,14 +97,9 @@ def _check(
         )
     if bias is not None and _shape(bias) != [Cout]:
         raise ValueError(f"deform_conv2d: bias must be [Cout] = [{Cout}], got {_shape(bias)}")
-    named = [("offset", offset), ("weight", weight), ("mask", mask), ("bias", bias)]
-    for name, t in named:
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(f"deform_conv2d: {name} has dtype {t.dtype}, input has {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"deform_conv2d: {name} is on {t.device}, input is on {input.device}")
+    for name, t in (("offset", offset), ("weight", weight), ("mask", mask), ("bias", bias)):
+        if t is not None:
+            check_same(t, f"deform_conv2d: {name}", input, "input")
     if not input.dtype.is_floating_point:
         raise TypeError(f"deform_conv2d: input must be floating point, got {input.dtype}")
 
@@ -150,22 +141,10 @@ def deform_conv2d(
         cast = lambda t: None if t is None else t.to(dt)
         input, offset, weight, bias, mask = (cast(t) for t in (input, offset, weight, bias, mask))
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    if backend == "auto":
-        use_triton = _kernels is not None and input.is_cuda and input.dtype in _kernels.KERNEL_DTYPES
-    elif backend == "triton":
-        if _kernels is None:
-            raise RuntimeError("deform_conv2d: backend='triton' but Triton is not available")
-        if not input.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("deform_conv2d: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
-        if input.dtype not in _kernels.KERNEL_DTYPES:
-            raise TypeError(f"deform_conv2d: backend='triton' supports fp32, fp16, bf16, got {input.dtype}")
-        use_triton = True
-    elif backend == "torch":
-        use_triton = False
-    else:
-        raise ValueError(f"deform_conv2d: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if use_triton and input.shape[0] > 0:
-        return _kernels.deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
+    if choose_backend(backend, input.device, input.dtype, "deform_conv2d") == "triton" and input.shape[0] > 0:
+        from kernels.deform_conv import deform_conv2d_fwd  # imported lazily: triton is only needed here
+
+        return deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
     return deform_conv2d_torch(input, offset, weight, bias, stride, padding, dilation, mask)
 
 

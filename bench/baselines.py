@@ -20,35 +20,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from amsa.patchmatch import (
+from amsa.matching import Match, check_matching, matmul_argmax
+from amsa.matching.schedule import (
     NEIGHBOURS,
-    Match,
-    _check_features,
-    _check_finite,
-    _check_pair,
-    _levels,
-    _random_positions,
-    _unfold_normalised,
     dilations,
-    patch_norms,
+    feature_levels,
+    random_positions,
     upsample_positions,
 )
+from amsa.matching.torch_backend import patch_norms, unfold_normalised
 from bench.flops import enumerated_flops, official_patchmatch_flops
-
-
-def _refs(ref) -> tuple[list[torch.Tensor], bool]:
-    many = isinstance(ref, (list, tuple))
-    return (list(ref) if many else [ref]), many
-
-
-def _check(query: torch.Tensor, refs: list[torch.Tensor]) -> None:
-    """The library's input checks: shapes, dtypes, devices, NaN/Inf, errors naming the argument."""
-    _check_features(query, "query")
-    _check_finite(query, "query")
-    for i, r in enumerate(refs):
-        _check_features(r, f"ref[{i}]")
-        _check_pair(query, r, "query", f"ref[{i}]")
-        _check_finite(r, f"ref[{i}]")
 
 
 def _to_match(best: torch.Tensor, idx: torch.Tensor, hq: int, wq: int, wr: int, flops: int) -> Match:
@@ -86,8 +67,7 @@ def c2_enumerated(query: torch.Tensor, ref, *, chunk: int | None = None):
 
     query [B, C, Hq, Wq], ref [B, C, Hr, Wr] (or a list) -> Match (or a list); same argmax as
     ``amsa.enumerated_match`` (dividing by the query norm does not move a row's argmax)."""
-    refs, many = _refs(ref)
-    _check(query, refs)
+    refs, _, many = check_matching(query, ref)
     B, C, hq, wq = query.shape
     qnorm = patch_norms(query).view(B, -1)
     out = []
@@ -95,7 +75,7 @@ def c2_enumerated(query: torch.Tensor, ref, *, chunk: int | None = None):
         hr, wr = r.shape[-2:]
         nr = hr * wr
         n = chunk or max(1, (64 << 20) // (4 * hq * wq))  # filters per conv: a ~64 MB score block
-        filters = _unfold_normalised(r).view(B, nr, C, 3, 3)  # C2-Matching's sample_patches + norm
+        filters = unfold_normalised(r).view(B, nr, C, 3, 3)  # C2-Matching's sample_patches + norm
         best = torch.full((B, hq * wq), -float("inf"), device=query.device)
         idx = torch.zeros(B, hq * wq, dtype=torch.int64, device=query.device)
         with matmul_precision("fp32"):
@@ -125,15 +105,14 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
     matmul returns it: the argmax is exact up to one bf16 ulp of the scores), "tf32" or "fp32". Scores
     are those of the products; rescore positions with ``amsa.patch_similarity``."""
     dtype = _rows_dtype(precision)
-    refs, many = _refs(ref)
-    _check(query, refs)
+    refs, _, many = check_matching(query, ref)
     B, C, hq, wq = query.shape
-    qn = _unfold_normalised(query).to(dtype)  # [B, Nq, 9C]
+    qn = unfold_normalised(query).to(dtype)  # [B, Nq, 9C]
     out = []
     with matmul_precision(precision):
         for r in refs:
             hr, wr = r.shape[-2:]
-            rn = _unfold_normalised(r).to(dtype)
+            rn = unfold_normalised(r).to(dtype)
             n = block or max(1, (64 << 20) // (4 * B * hq * wq))
             best = torch.full((B, hq * wq), -float("inf"), device=query.device)
             idx = torch.zeros(B, hq * wq, dtype=torch.int64, device=query.device)
@@ -148,18 +127,16 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
 def matmul_argmax_fused(query: torch.Tensor, ref, *, precision: str = "bf16"):
     """:func:`chunked_matmul_argmax` as one fused Triton kernel (``kernels.enumerated.matmul_argmax``):
     tile products on tensor cores, running max/argmax in registers, every reference in one launch; the
-    [chunk, Nr] score blocks never reach memory. CUDA tensors (CPU only under TRITON_INTERPRET=1).
+    [chunk, Nr] score blocks never reach memory (``amsa.matching.matmul_argmax``). CUDA tensors (CPU only
+    under TRITON_INTERPRET=1).
 
     precision: "bf16" (bf16 rows, fp32 accumulation, fp32 output: no bf16 rounding of the scores), "tf32"
     or "fp32" (exact fp32 products). Ties: lowest flat index of the fp32 maximum."""
-    from kernels.enumerated import matmul_argmax  # imported lazily: triton is only needed here
-
     dtype = _rows_dtype(precision)
-    refs, many = _refs(ref)
-    _check(query, refs)
+    refs, _, many = check_matching(query, ref)
     B, C, hq, wq = query.shape
-    qn = _unfold_normalised(query).to(dtype)
-    found = matmul_argmax(qn, [_unfold_normalised(r).to(dtype) for r in refs], tf32=precision == "tf32")
+    qn = unfold_normalised(query).to(dtype)
+    found = matmul_argmax(qn, [unfold_normalised(r).to(dtype) for r in refs], tf32=precision == "tf32")
     out = [_to_match(best, idx, hq, wq, r.shape[-1], enumerated_flops(B, C, (hq, wq), [r.shape[-2:]]))
            for (best, idx), r in zip(found, refs)]
     return out if many else out[0]
@@ -216,20 +193,19 @@ def official_patchmatch(query: torch.Tensor, ref, iters=(1, 1, 2, 6), *, seed: i
     """CFE-PatchMatch with the official release's data movement ([B, 9, 9C, H*W] gathers per step):
     the same positions as ``amsa.cfe_patchmatch(query, ref, iters, seed=seed, backend="torch")``
     (up to float near-ties). Levels, initialisation and passing up reuse the library's helpers."""
-    refs, many = _refs(ref)
-    _check(query, refs)
+    refs, _, many = check_matching(query, ref)
     iters = tuple(iters)
     B, C = query.shape[:2]
-    q_levels = _levels(query, len(iters), "query")
+    q_levels = feature_levels(query, len(iters), "query")
     out = []
     for r in refs:
-        r_levels = _levels(r, len(iters), "ref")
+        r_levels = feature_levels(r, len(iters), "ref")
         pos = score = None
         for lv, n_iter in enumerate(iters):
             level = _OfficialLevel(q_levels[lv], r_levels[lv])
             qsize, rsize = level.qsize, level.rsize
             if lv == 0:
-                pos = _random_positions(*qsize, *rsize, seed, query.device).expand(B, -1, -1, -1)
+                pos = random_positions(*qsize, *rsize, seed, query.device).expand(B, -1, -1, -1)
             else:
                 pos = upsample_positions(pos, tuple(r_levels[lv - 1].shape[-2:]), rsize, qsize)
             flat = pos.reshape(B, 1, -1, 2)

@@ -17,13 +17,14 @@ import datetime
 import platform
 import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from amsa.timing import timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_CSV = RESULTS / "results.csv"
@@ -68,11 +69,8 @@ def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    result = fn()  # warm-up: compiles kernels, fills caches
-    if cuda:
-        torch.cuda.synchronize()
-    first_ms = (time.perf_counter() - t0) * 1e3
+    result, first_s = timed(fn, device)  # warm-up: compiles kernels, fills caches
+    first_ms = first_s * 1e3
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     reps = 3 if quick else 10
     if cuda and first_ms < DO_BENCH_MAX_MS:
@@ -92,9 +90,7 @@ def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(timed(fn, device)[1] * 1e3)
     return Timing(*_quantiles(times), peak, result)
 
 

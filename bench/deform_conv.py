@@ -14,13 +14,13 @@ peak extra memory; on CPU from repeated wall-clock runs. Every row is appended t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from amsa.backends import triton_unavailable
 from amsa.deform import deform_conv2d, deform_conv2d_torch
 from bench.common import RESULTS_CSV, Timing, append_rows, environment, measure
 
@@ -33,7 +33,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 def providers(device: str) -> dict[str, Callable]:
     """Implementations to time: name -> deform_conv2d-compatible function."""
     found: dict[str, Callable] = {}
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_unavailable(torch.device(device), torch.float32) is None:
         found["amsa-triton"] = lambda *a: deform_conv2d(*a, backend="triton")
     try:
         import torchvision.ops  # optional: present on the GPU machine, not required by amsa

@@ -1,16 +1,19 @@
 """Analytic FLOP counts of every matcher in the benchmarks (a multiply-add counts 2 FLOPs), and their
 reconciliation with the paper's Table 2.
 
-Only the relevance scores (Eq. 1) are counted: each score of one query pixel against one candidate is an
-inner product of two 9C-vectors, 2 * 9C FLOPs. Normalisation, gathers and argmax are O(N * C) or less and
-left out, as in the paper.
+The cost model itself (:func:`patchmatch_flops`, :func:`enumerated_flops`: only the relevance scores of
+Eq. 1 count, 2 * 9C FLOPs per query pixel and candidate) is the library's, ``amsa.matching.schedule``;
+this module adds the official-style PatchMatch's count and the Table 2 reconciliation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from amsa.patchmatch import CANDIDATES_PER_STEP, NEIGHBOURS, dilations
+from amsa.matching.schedule import NEIGHBOURS, enumerated_flops, patchmatch_flops
+
+__all__ = ["OFFICIAL_CANDIDATES_PER_STEP", "REF_SCALES", "enumerated_flops", "official_patchmatch_flops",
+           "patchmatch_flops", "ref_sizes", "table2"]
 
 # Candidates the official-style PatchMatch scores per step: two sets of 9 ([B, 9, 9C, H*W] each), the
 # own match re-scored in both (LR propagation: own + 8 neighbours' matches; Ref: new own + 8 around it).
@@ -20,42 +23,12 @@ OFFICIAL_CANDIDATES_PER_STEP = 2 * (len(NEIGHBOURS) + 1)
 REF_SCALES = tuple(0.8**i for i in range(5))
 
 
-def level_sizes(size: tuple[int, int], n_levels: int) -> list[tuple[int, int]]:
-    """Query map sizes of the levels, coarse to fine: floor(H / 2^l) x floor(W / 2^l)."""
-    return [(size[0] // 2**lv, size[1] // 2**lv) for lv in range(n_levels)][::-1]
-
-
-def patchmatch_flops(
-    batch: int, channels: int, size: tuple[int, int], iters: Sequence[int], refs: int = 1,
-    candidates_per_step: int = CANDIDATES_PER_STEP, scored_on_entry: int = 1,
-    steps_per_iteration: int | None = None,
-) -> int:
-    """FLOPs of CFE-PatchMatch with ``iters`` per level over ``refs`` references (any sizes: the cost
-    depends only on the query size). Per level of h x w query pixels: ``scored_on_entry`` evaluations when
-    entering it, then ``candidates_per_step`` per step, ``steps_per_iteration`` steps per iteration (default:
-    our dilation rule, len(dilations((h, w))) on each level).
-    With the defaults it equals ``cfe_patchmatch(...).flops`` (per reference) times ``refs``."""
-    total = 0
-    for (h, w), n in zip(level_sizes(size, len(iters)), iters):
-        per_eval = 2 * 9 * channels * batch * h * w
-        steps = steps_per_iteration or len(dilations((h, w)))
-        total += (scored_on_entry + n * steps * candidates_per_step) * per_eval
-    return total * refs
-
-
 def official_patchmatch_flops(batch: int, channels: int, size: tuple[int, int], iters: Sequence[int],
                               refs: int = 1) -> int:
     """FLOPs of the official-style PatchMatch (bench.baselines.official_patchmatch): the same schedule,
     18 candidates per step since the own match is re-scored in both 9-candidate sets."""
-    return patchmatch_flops(batch, channels, size, iters, refs, OFFICIAL_CANDIDATES_PER_STEP)
-
-
-def enumerated_flops(batch: int, channels: int, size: tuple[int, int],
-                     ref_sizes: Sequence[tuple[int, int]]) -> int:
-    """FLOPs of enumerated matching: every query patch against every patch of every reference,
-    2 * 9C * Nq * Nr per reference."""
-    nq = size[0] * size[1]
-    return sum(2 * 9 * channels * batch * nq * h * w for h, w in ref_sizes)
+    return patchmatch_flops(batch, channels, size, iters, refs,
+                            candidates_per_step=OFFICIAL_CANDIDATES_PER_STEP)
 
 
 def ref_sizes(size: int, refs: int) -> list[tuple[int, int]]:

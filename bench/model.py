@@ -3,25 +3,25 @@ and the rest (everything outside the model's ``amsa.*`` profiler ranges).
 
     python -m bench.model [--quick]
 
-The model's ``record_function`` ranges are swapped for timers that synchronise the device on entry and
-exit, so each stage's time is exact on CUDA too (the synchronisations themselves cost a few us each).
+The model's stages (``amsa.timing.stage``: profiler ranges) are timed with the device synchronised on entry
+and exit (``amsa.timing.stage_times``), so each stage's time is exact on CUDA too (the synchronisations
+themselves cost a few us each).
 Random weights: the cost does not depend on them. Rows go to ``bench/results/results.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-import amsa.model
+from amsa import AMSA
+from amsa.timing import stage_times, timed
 from bench.common import RESULTS_CSV, append_rows, environment
 
 STAGES = ("amsa.features", "amsa.matching", "amsa.aggregation", "amsa.restoration")
@@ -34,52 +34,19 @@ QUICK_SHAPES = [(12, 48, 1)]
 QUICK_MODEL = {"ngf": 16, "n_blocks": 1, "ref_scales": 2, "iters": (1, 1)}
 
 
-class StageTimer:
-    """Stand-in for ``torch.profiler.record_function``: adds the wall time of each range (device
-    synchronised on entry and exit) to ``totals[name]``."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.totals: dict[str, float] = defaultdict(float)
-
-    def _sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] += (time.perf_counter() - t0) * 1e3
-
-
 def time_stages(model: torch.nn.Module, lr: torch.Tensor, ref: torch.Tensor, reps: int) -> dict[str, float]:
     """Median ms over ``reps`` forward passes (after a warm-up) of each stage, of 'rest' and 'total'."""
-    device = lr.device.type
+    device = lr.device
     per_rep: dict[str, list[float]] = defaultdict(list)
-    original = amsa.model.record_function
-    try:
-        for i in range(reps + 1):
-            timer = StageTimer(device)
-            amsa.model.record_function = timer
-            timer._sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model(lr, ref)
-            timer._sync()
-            total = (time.perf_counter() - t0) * 1e3
-            if i == 0:
-                continue  # warm-up: kernel compilation, cuDNN autotuning
-            for s in STAGES:
-                per_rep[s].append(timer.totals[s])
-            per_rep["rest"].append(total - sum(timer.totals.values()))
-            per_rep["total"].append(total)
-    finally:
-        amsa.model.record_function = original
+    for i in range(reps + 1):
+        with stage_times(device) as totals, torch.no_grad():
+            _, total_s = timed(lambda: model(lr, ref), device)
+        if i == 0:
+            continue  # warm-up: kernel compilation, cuDNN autotuning
+        for s in STAGES:
+            per_rep[s].append(totals[s])
+        per_rep["rest"].append(total_s * 1e3 - sum(totals.values()))
+        per_rep["total"].append(total_s * 1e3)
     return {k: statistics.median(v) for k, v in per_rep.items()}
 
 
@@ -87,7 +54,7 @@ def run(device: str, quick: bool, log=print) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: warned about, and irrelevant for timing
         kw = QUICK_MODEL if quick else {}
-        model = amsa.model.AMSA(**kw).to(device).eval()
+        model = AMSA(**kw).to(device).eval()
     rows = []
     g = torch.Generator().manual_seed(0)
     shapes = QUICK_SHAPES if quick else FULL_SHAPES if device == "cuda" else CPU_SHAPES

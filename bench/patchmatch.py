@@ -16,7 +16,6 @@ are recorded as ``skipped`` with the reason. Rows go to ``bench/results/results.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import amsa
+from amsa.backends import triton_unavailable
 from bench import baselines
 from bench.common import RESULTS_CSV, append_rows, environment, measure
 from bench.flops import enumerated_flops, official_patchmatch_flops, patchmatch_flops, ref_sizes
@@ -36,8 +36,8 @@ def features(data: str, size: int, channels: int, batch: int, refs: int, device:
     ``bench.flops.ref_sizes``): the demo pair through the filter bank (C = 64), or smooth random maps
     (bicubic-upsampled noise; the reference a rescaled, shifted crop of the query's source)."""
     if data == "demo":
-        from amsa.features import FilterBankExtractor
-        from amsa.images import demo_pair
+        from amsa.demo.features import FilterBankExtractor
+        from amsa.demo.pair import demo_pair
 
         pair = demo_pair(hr_size=size)
         ex = FilterBankExtractor()
@@ -110,7 +110,7 @@ def matchers(device: str, offset_corrected: bool = False) -> dict[str, Matcher]:
             found[f"matmul_argmax_fused/{precision}"] = Matcher(
                 lambda q, r, it, p=precision: baselines.matmul_argmax_fused(q, r, precision=p), _enum_flops,
                 kind, exact_scores=False)
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_unavailable(torch.device(device), torch.float32) is None:
         found["cfe_patchmatch/triton"] = Matcher(cfe("triton"), _pm_flops, "pm_triton")
     return found
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import amsa
 from bench import deform_conv
 from bench.common import RESULTS_CSV, append_rows, environment, measure
 from bench.patchmatch import Planner, bench_config, features, matchers
@@ -69,26 +68,23 @@ def run_matching(args, device: str, planner: Planner, log) -> list[dict]:
 def run_step(args, device: str, log) -> list[dict]:
     """One fused propagation step (8 LR + 8 Ref candidates, dilation 1) alone, at the finest level of the
     paper's shape: the Triton op on CUDA, and the PyTorch path's step for comparison."""
-    from amsa.patchmatch import CANDIDATES_PER_STEP, _TorchLevel
+    from amsa.matching.schedule import CANDIDATES_PER_STEP, evaluation_flops
+    from amsa.matching.torch_backend import TorchLevels
 
     size, C = (32, 8) if args.quick else (250, 256)
     q, (r,) = features("random", size, C, 1, 1, device)
     pos = torch.stack([torch.randint(0, size, (1, 1, size, size)) for _ in range(2)], -1).to(device)
-    gflops = CANDIDATES_PER_STEP * 2 * 9 * C * size * size / 1e9
-    impls = {"patchmatch_step/torch": None}
+    gflops = CANDIDATES_PER_STEP * evaluation_flops(1, C, (size, size)) / 1e9
+    levels = {"patchmatch_step/torch": TorchLevels}
     if device == "cuda":
-        from kernels.patchmatch import TritonLevel
+        from amsa.matching.triton_backend import TritonLevel
 
-        impls = {"patchmatch_step/triton": TritonLevel(q, [r]), **impls}
+        levels = {"patchmatch_step/triton": TritonLevel, **levels}
     rows = []
-    for name, level in impls.items():
-        if level is None:
-            tl = _TorchLevel(q, r)
-            p, s = pos[0], tl.score_positions(pos[0])
-            step = lambda tl=tl, p=p, s=s: tl.step(p, s, 1, False)
-        else:
-            s = level.score_positions(pos)
-            step = lambda level=level, s=s: level.step(pos, s, 1, False)
+    for name, make in levels.items():
+        level = make(q, [r])
+        s = level.score_positions(pos)
+        step = lambda level=level, s=s: level.step(pos, s, 1, False)
         t = measure(step, device, quick=args.quick)
         log(f"step {name:<24} {size}x{size} C={C}: {t.p50_ms:.4f} ms ({t.p20_ms:.4f}-{t.p80_ms:.4f})")
         rows.append({"bench": "step", "impl": name, "dtype": "float32", "data": "random", "batch": 1,
@@ -99,10 +95,6 @@ def run_step(args, device: str, log) -> list[dict]:
 
 
 def run_model(args, device: str, log) -> list[dict]:
-    if not hasattr(amsa, "AMSA"):
-        log("model: amsa.AMSA not available, not run")
-        return [{"bench": "model", "impl": "amsa.AMSA", "status": "skipped",
-                 "note": "amsa.AMSA not available"}]
     from bench.model import run as run_model_split
 
     return run_model_split(device, args.quick, log)

@@ -26,30 +26,21 @@ are int64. NaN/Inf rows give unspecified results (callers check, as ``bench.base
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.deform_conv import _dot
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Tests set this to fill outputs with garbage before the kernel writes them (every element must be written).
-POISON_OUTPUTS = False
-
-ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._common import INTERPRET, alloc, dot
 
 # CUDA grid limit of the batch and reference axes.
-_MAX_GRID_YZ = 65535
+MAX_GRID_YZ = 65535
 
 
 def _configs() -> list[triton.Config]:
     """Tile shapes for sm_90 (bf16: 64-wide K chunks; fp32 operands: 32-wide, twice the bytes). The
     interpreter runs programs one by one in NumPy: one small config, so that tiny test shapes still span
     several blocks on every axis."""
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
@@ -99,7 +90,7 @@ def _matmul_argmax_kernel(
             k_ok = (ks < D)[None, :]
             q = tl.load(q_rows + ks[None, :] * stride_qk, mask=m_ok[:, None] & k_ok, other=0.0)
             rt = tl.load(r_rows + ks[None, :] * stride_rk, mask=n_ok[:, None] & k_ok, other=0.0)
-            acc = _dot(q, tl.trans(rt), acc, IEEE)
+            acc = dot(q, tl.trans(rt), acc, IEEE)
         s = tl.where(n_ok[None, :], acc, float("-inf"))
         tile_max = tl.max(s, axis=1)
         # Lowest column holding the tile's maximum (explicit, rather than relying on argmax tie rules).
@@ -112,12 +103,6 @@ def _matmul_argmax_kernel(
     tl.store(idx_ptr + out, arg.to(tl.int64), mask=m_ok)
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poison) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, poison, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 @torch.library.triton_op("amsa::matmul_argmax", mutates_args=())
 def matmul_argmax_op(
     q: torch.Tensor, r: torch.Tensor, ref_meta: torch.Tensor, n_refs: int, ieee: int
@@ -125,8 +110,8 @@ def matmul_argmax_op(
     """(best fp32, idx int64), each [R, B, Nq], for q [B, Nq, D] against the R references held in
     r [B, sum Nr, D] as described by ref_meta [R, 2] (module docstring). Inputs are not checked here."""
     B, Nq, D = q.shape
-    best = _alloc((n_refs, B, Nq), torch.float32, q.device, float("nan"))
-    idx = _alloc((n_refs, B, Nq), torch.int64, q.device, -7)
+    best = alloc((n_refs, B, Nq), torch.float32, q.device)
+    idx = alloc((n_refs, B, Nq), torch.int64, q.device)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B, n_refs)
@@ -134,59 +119,3 @@ def matmul_argmax_op(
     torch.library.wrap_triton(_matmul_argmax_kernel)[grid](
         q, r, ref_meta, best, idx, B, Nq, D, *q.stride(), *r.stride(), IEEE=ieee)
     return best, idx
-
-
-def _check_rows(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, N, D], got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [B, N, D], got shape {tuple(x.shape)}")
-    if x.dtype not in ROW_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if 0 in x.shape:
-        raise ValueError(f"{name} must have B, N and D > 0, got shape {tuple(x.shape)}")
-
-
-def matmul_argmax(q_rows: torch.Tensor, r_rows, *, tf32: bool = False):
-    """Row-wise max and argmax of ``q_rows @ r_rows^T`` in one fused kernel, never forming the product.
-
-    Args:
-        q_rows: [B, Nq, D] query rows (float32, float16 or bfloat16; any strides).
-        r_rows: [B, Nr, D] reference rows of the same dtype, batch and D, or a list of them (any Nr each):
-            all are matched in one launch.
-        tf32: float32 rows multiply on TF32 tensor cores instead of exactly (float32 rows only).
-
-    Returns ``(best, idx)``: best float32 [B, Nq], the maximum accumulated in fp32; idx int64 [B, Nq],
-    the lowest reference row index reaching it (ties and near-ties: module docstring). A list of
-    references gives a list of such pairs. Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
-    """
-    many = isinstance(r_rows, (list, tuple))
-    refs = list(r_rows) if many else [r_rows]
-    _check_rows(q_rows, "q_rows")
-    if not refs:
-        raise ValueError("r_rows is an empty list: give at least one reference")
-    B, Nq, D = q_rows.shape
-    for i, r in enumerate(refs):
-        name = f"r_rows[{i}]" if many else "r_rows"
-        _check_rows(r, name)
-        if r.dtype != q_rows.dtype:
-            raise TypeError(f"{name} is {r.dtype} but q_rows is {q_rows.dtype}; use one dtype")
-        if r.device != q_rows.device:
-            raise ValueError(f"{name} is on {r.device} but q_rows is on {q_rows.device}")
-        if r.shape[0] != B or r.shape[2] != D:
-            raise ValueError(f"{name} has shape {tuple(r.shape)} but q_rows has {tuple(q_rows.shape)}: "
-                             "batch B and row length D must agree")
-    if tf32 and q_rows.dtype != torch.float32:
-        raise ValueError(f"tf32=True applies to float32 rows, got {q_rows.dtype}")
-    if q_rows.device.type != "cuda" and not _INTERPRET:
-        raise ValueError("matmul_argmax needs CUDA tensors (on CPU only with TRITON_INTERPRET=1, set before "
-                         "triton is imported, for tests)")
-    if B > _MAX_GRID_YZ or len(refs) > _MAX_GRID_YZ:
-        raise ValueError(f"batch ({B}) and number of references ({len(refs)}) must be <= {_MAX_GRID_YZ}")
-    sizes = [r.shape[1] for r in refs]
-    first = [sum(sizes[:i]) for i in range(len(refs))]
-    meta = torch.tensor(list(zip(first, sizes)), dtype=torch.int64, device=q_rows.device)
-    r = refs[0] if len(refs) == 1 else torch.cat(refs, dim=1)  # one reference: read in place
-    best, idx = matmul_argmax_op(q_rows, r, meta, len(refs), int(not tf32))
-    out = list(zip(best.unbind(0), idx.unbind(0)))
-    return out if many else out[0]

@@ -1,6 +1,6 @@
-"""Triton kernels of CFE-PatchMatch (paper section 3.1, Eq. 1-5) and their launchers.
+"""Triton kernels of CFE-PatchMatch (paper section 3.1, Eq. 1-5) and their ``torch.library`` ops.
 
-Layouts (prepared once per level by :class:`TritonLevel`):
+Layouts (prepared once per level by ``amsa.matching.triton_backend.TritonLevel``):
     query  [B, Hq, Wq, C] channels-last contiguous (fp32/fp16/bf16), qnorm [B, Hq, Wq] fp32 patch norms;
     ref    all references of the level concatenated as pixel rows [sum_r B*Hr_r*Wr_r, C], rnorm likewise;
     ref_meta int64 [R, 3]: (first pixel row of reference r, Hr_r, Wr_r);
@@ -12,16 +12,11 @@ read from one buffer and written to another, so no program reads what another wr
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from amsa.patchmatch import patch_norms
-
-# Tests set this to fill outputs with garbage before the kernels write them (every element must be written).
-POISON_OUTPUTS = False
+from kernels._common import INTERPRET, alloc, alloc_like
 
 
 @triton.jit
@@ -149,17 +144,13 @@ def _patchmatch_step_kernel(
 def _blocks(C: int, n_pixels: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C). The interpreter runs programs one by one in NumPy, so there one large block
     is much faster than many small ones."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         return min(1024, triton.next_power_of_2(n_pixels)), min(64, triton.next_power_of_2(C))
     return 64, min(64, triton.next_power_of_2(C))
 
 
 def _grid(B: int, Hq: int, Wq: int, R: int, block_p: int):
     return (triton.cdiv(Hq * Wq, block_p), B, R)
-
-
-def _alloc(like: torch.Tensor, poison) -> torch.Tensor:
-    return torch.full_like(like, poison) if POISON_OUTPUTS else torch.empty_like(like)
 
 
 @torch.library.triton_op("amsa::patch_score", mutates_args=())
@@ -170,7 +161,7 @@ def patch_score(
     """Scores [R, B, Hq, Wq] of positions [R, B, Hq, Wq, 2] (layouts in the module docstring)."""
     R, B, Hq, Wq, _ = pos.shape
     C = query.shape[-1]
-    score = _alloc(pos[..., 0].to(torch.float32), float("nan"))
+    score = alloc((R, B, Hq, Wq), torch.float32, pos.device)
     bp, bc = _blocks(C, Hq * Wq)
     torch.library.wrap_triton(_patch_score_kernel)[_grid(B, Hq, Wq, R, bp)](
         query, qnorm, ref, rnorm, ref_meta, pos, score, B, Hq, Wq, C, BLOCK_P=bp, BLOCK_C=bc)
@@ -185,32 +176,9 @@ def patchmatch_step(
     """One fused propagation step at ``dilation`` for all references: new (pos, score)."""
     R, B, Hq, Wq, _ = pos.shape
     C = query.shape[-1]
-    pos_out, score_out = _alloc(pos, -7), _alloc(score, float("nan"))
+    pos_out, score_out = alloc_like(pos), alloc_like(score)
     bp, bc = _blocks(C, Hq * Wq)
     torch.library.wrap_triton(_patchmatch_step_kernel)[_grid(B, Hq, Wq, R, bp)](
         query, qnorm, ref, rnorm, ref_meta, pos, score, pos_out, score_out, B, Hq, Wq, C, dilation,
         OFFSET_CORRECTED=offset_corrected, BLOCK_P=bp, BLOCK_C=bc)
     return pos_out, score_out
-
-
-class TritonLevel:
-    """One level's query and references in the kernels' layouts; the Triton counterpart of the PyTorch
-    path's per-level state in :mod:`amsa.patchmatch`."""
-
-    def __init__(self, query: torch.Tensor, refs: list[torch.Tensor]):
-        C = query.shape[1]
-        self.query = query.permute(0, 2, 3, 1).contiguous()
-        self.qnorm = patch_norms(query).contiguous()
-        self.ref = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, C) for r in refs])
-        self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
-        rows = [r.shape[0] * r.shape[2] * r.shape[3] for r in refs]
-        first = [sum(rows[:i]) for i in range(len(refs))]
-        self.ref_meta = torch.tensor([[f, r.shape[2], r.shape[3]] for f, r in zip(first, refs)],
-                                     dtype=torch.int64, device=query.device)
-
-    def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
-        return patch_score(self.query, self.qnorm, self.ref, self.rnorm, self.ref_meta, pos.contiguous())
-
-    def step(self, pos: torch.Tensor, score: torch.Tensor, k: int, offset_corrected: bool):
-        return patchmatch_step(self.query, self.qnorm, self.ref, self.rnorm, self.ref_meta,
-                               pos.contiguous(), score.contiguous(), k, int(offset_corrected))

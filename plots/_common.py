@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from amsa.images import bicubic_resize, load_image
+from amsa.io import bicubic_resize, load_image
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 QUICK_OUT = os.path.join("out", "plots")

@@ -1,8 +1,8 @@
 """The paper's Fig. 5: convergence of (CFE-)PatchMatch to enumerated matching, on real images.
 
-``python -m plots.convergence`` matches the demo pair (:func:`amsa.images.demo_pair`: LR-up of an HR crop
+``python -m plots.convergence`` matches the demo pair (:func:`amsa.demo.pair.demo_pair`: LR-up of an HR crop
 of matplotlib's photo against a rescaled, shifted reference, both in the 4x down-up blur domain, on the
-:class:`amsa.features.FilterBankExtractor` features) with
+:class:`amsa.demo.features.FilterBankExtractor` features) with
 
 * Embedded PatchMatch on a single level, 1/8, 1/4, 1/2 or full resolution, 10 iterations (iters
   ``(10, 0, 0, 0)`` .. ``(10,)``: zero iterations only pass the result up),
@@ -10,7 +10,7 @@ of matplotlib's photo against a rescaled, shifted reference, both in the 4x down
   paper's propagation form and offset-corrected,
 
 for several seeds, and compares every iteration's state, brought to full resolution, with enumerated
-matching on the same features (:mod:`amsa.convergence` defines the MSEs and both iteration counts).
+matching on the same features (:mod:`amsa.demo.convergence` defines the MSEs and both iteration counts).
 Writes ``convergence.png`` (MSE of the relevance maps S, MSE of the warped reference features and
 agreement, against iterations and against cumulative FLOPs; mean over seeds, min-max band),
 ``convergence.csv`` (every curve point of every seed) and ``convergence_summary.csv`` (final values per
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 import amsa
-from amsa.convergence import CURVE_KEYS, convergence_curve, value_at
-from amsa.features import FilterBankExtractor
-from amsa.images import demo_pair
+from amsa.demo.convergence import CURVE_KEYS, convergence_curve, value_at
+from amsa.demo.features import FilterBankExtractor
+from amsa.demo.pair import demo_pair
 from plots._common import features, mean_band, output_dir, parse_ints, user_pair, write_csv
 
 
@@ -64,7 +64,7 @@ FULL = METHODS[3]  # single-level full resolution: the equal-FLOPs baseline
 def run_pair(query: torch.Tensor, ref: torch.Tensor, seeds: list[int], *, backend: str = "auto",
              methods: tuple[Method, ...] = METHODS, log=print) -> tuple[amsa.Match, dict[str, list[dict]]]:
     """Enumerated matching once, then every method for every seed with ``history=True``; returns the
-    enumerated match and, per method name, one :func:`amsa.convergence.convergence_curve` per seed."""
+    enumerated match and, per method name, one :func:`amsa.demo.convergence.convergence_curve` per seed."""
     t0 = time.perf_counter()
     exact = amsa.enumerated_match(query, ref)
     log(f"  enumerated matching: {exact.flops / 1e9:.1f} GFLOPs, {time.perf_counter() - t0:.1f} s")

@@ -2,7 +2,7 @@
 
 For each scale ratio rho (the reference's scale relative to the HR image; the paper's gamma = 4 rho is the
 scale difference between the 4x LR image and the reference), the demo pair is rebuilt with the reference
-cut from the photo rescaled by rho (:func:`amsa.images.demo_pair` with ``ref_scale=rho`` and its default
+cut from the photo rescaled by rho (:func:`amsa.demo.pair.demo_pair` with ``ref_scale=rho`` and its default
 shift of the window, so the two crops overlap partly, with exactly known geometry). The LR-up query is
 matched with CFE-PatchMatch (paper schedule 1-1-2-6) against
 
@@ -12,7 +12,7 @@ matched with CFE-PatchMatch (paper schedule 1-1-2-6) against
   the scales by their scores, Eq. 9-10),
 
 every reference taken 4x down and up (the blur domain of LR-up, as in the demo), on the
-:class:`amsa.features.FilterBankExtractor` features. Matching quality, over the query pixels whose true
+:class:`amsa.demo.features.FilterBankExtractor` features. Matching quality, over the query pixels whose true
 correspondence lies inside the reference:
 
 * ``within_px``: % whose match lies within 2 pixels of the true correspondence, measured in the pixels
@@ -42,8 +42,9 @@ import time
 import torch
 
 import amsa
-from amsa.features import FilterBankExtractor
-from amsa.images import bicubic_resize, demo_pair, load_image, sample_photo_path
+from amsa.demo.features import FilterBankExtractor
+from amsa.demo.pair import demo_pair
+from amsa.io import bicubic_resize, load_image, sample_photo_path
 from plots._common import down_up, features, mean_band, output_dir, parse_floats, parse_ints, write_csv
 
 N_SCALES, K = 5, 0.8  # the paper's n multi-scale references, each k times the previous one
@@ -102,8 +103,8 @@ def study_ratio(rho: float, size: int, seeds: list[int], extractor, *, backend: 
 def sr_psnr(model, rho: float, size: int) -> list[dict]:
     """Fig. 7 proper: PSNR of AMSA's 4x SR of the HR crop with a reference at scale ``rho``, using one
     reference scale and the model's n scales (``model.ref_scales`` is set for each, then restored)."""
-    from amsa.evaluate import super_resolve
-    from amsa.metrics import psnr
+    from amsa.evaluation.evaluate import super_resolve
+    from amsa.evaluation.metrics import psnr
 
     pair = demo_pair(size, ref_scale=rho, ref_size=_ref_size(rho, size))
     n = model.ref_scales
@@ -190,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     extractor = FilterBankExtractor()
     model = None
     if args.weights is not None:
-        from amsa.model import AMSA
-
-        model = AMSA(weights=args.weights, feature_weights=args.feature_weights, vgg_weights=args.vgg_weights,
-                     backend=args.backend).eval()
+        model = amsa.AMSA(weights=args.weights, feature_weights=args.feature_weights,
+                          vgg_weights=args.vgg_weights, backend=args.backend).eval()
     psnr_rows: list[dict] = []
     rows = []
     for rho in ratios:

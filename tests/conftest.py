@@ -1,5 +1,8 @@
 """Test set-up: without a GPU, Triton kernels run in the interpreter. TRITON_INTERPRET must be set
-before triton is first imported, so it is set here, before any test module imports amsa."""
+before triton is first imported, so it is set here, before any test module imports the kernels.
+
+``AMSA_TEST_THREADS`` sets torch's thread count (CI and developers run the suite with 1 and 2 threads:
+results must not depend on it)."""
 
 import os
 
@@ -8,14 +11,18 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Devices the Triton kernels can be tested on: CUDA when present, else CPU through the interpreter.
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+if os.environ.get("AMSA_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["AMSA_TEST_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel outputs start as garbage (NaN, -7): every element must be written by the kernel."""
+    from kernels import _common
+
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)

@@ -1,0 +1,258 @@
+"""The deformable-convolution kernels (kernels/deform_conv*.py) against the PyTorch path: on CUDA when
+present, else on CPU under TRITON_INTERPRET=1 at tiny shapes, outputs poisoned before the kernels write
+them; the ops' registration (opcheck, torch.compile), GPU-only checks and the sm_90 compile."""
+
+import pytest
+import torch
+
+from amsa.deform import deform_conv2d, deform_conv2d_torch
+from tests.support.deform_reference import (
+    NAMES,
+    integer_and_border_offsets,
+    make_problem,
+    reduction,
+    ref64,
+    run,
+)
+from tests.support.devices import TRITON_DEVICE, needs_cuda, needs_triton
+from tests.support.tolerances import assert_close, assert_close_lowp
+
+interpret = pytest.mark.interpret
+
+
+TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide"]
+
+
+@needs_triton
+@interpret
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_torch_fp32(case, poison):
+    t, conv = make_problem(case, dtype=torch.float32, device=TRITON_DEVICE)
+    gout = torch.randn_like(run(deform_conv2d_torch, t, conv)["out"])
+    got = run(deform_conv2d, t, conv, gout, backend="triton")
+    want = run(deform_conv2d_torch, t, conv, gout)
+    for n in ("out", *NAMES):
+        if want[n] is None:
+            assert got[n] is None
+            continue
+        assert got[n].dtype == want[n].dtype and got[n].shape == want[n].shape
+        assert_close(got[n], want[n], torch.float32, reduction(t), n)
+
+
+@needs_triton
+@interpret
+def test_triton_integer_border_far_points(poison):
+    t, conv = make_problem("offset_groups_nomask", dtype=torch.float32, device=TRITON_DEVICE)
+    H, W = t["input"].shape[2:]
+    t["offset"] = integer_and_border_offsets(t, conv, H, W).to(TRITON_DEVICE)
+    t["offset"][0, :4] = float("nan")  # NaN positions sample nothing (torchvision: undefined)
+    t["offset"][1, :4] = float("inf")
+    gout = torch.randn(2, 2, 4, 3, device=TRITON_DEVICE)
+    got = run(deform_conv2d, t, conv, gout, backend="triton")
+    t["offset"][0, :4] = 1e9
+    t["offset"][1, :4] = 1e9
+    want = run(deform_conv2d_torch, t, conv, gout)
+    for n in ("out", *NAMES):
+        if want[n] is not None:
+            assert_close(got[n], want[n], torch.float32, reduction(t), n)
+
+
+@needs_triton
+@interpret
+def test_triton_non_contiguous_and_expanded_grad(poison):
+    t, conv = make_problem("groups", dtype=torch.float32, device=TRITON_DEVICE)
+    nc = {
+        "input": t["input"].contiguous(memory_format=torch.channels_last),
+        "offset": t["offset"].transpose(2, 3).contiguous().transpose(2, 3),
+        "mask": torch.stack([t["mask"], t["mask"]], -1)[..., 0],
+        "weight": t["weight"].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+        "bias": torch.stack([t["bias"], t["bias"]], 1)[:, 0],
+    }
+    assert not any(v.is_contiguous() for v in nc.values())
+    gout = torch.ones(1, 1, 1, 1, device=TRITON_DEVICE).expand(1, 4, 5, 4)  # stride-0 grad, as from .sum()
+    got = run(deform_conv2d, nc, conv, gout, backend="triton")
+    want = run(deform_conv2d_torch, t, conv, gout)
+    for n in ("out", *NAMES):
+        assert_close(got[n], want[n], torch.float32, reduction(t), n)
+
+
+@needs_triton
+@interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision(dtype, poison):
+    t, conv = make_problem("offset_groups_nomask", device=TRITON_DEVICE)
+    t["mask"] = torch.rand(2, 36, 4, 3, dtype=torch.float64, device=TRITON_DEVICE)
+    t["input"] = t["input"] * 4
+    gout = torch.randn(2, 2, 4, 3, dtype=torch.float64, device=TRITON_DEVICE)
+    low = {n: v.to(dtype) for n, v in t.items()}
+    got = run(deform_conv2d, low, conv, gout, backend="triton")
+    same = run(deform_conv2d_torch, low, conv, gout)
+    ref = ref64(low, conv, gout)  # exact result for the rounded inputs
+    for n in ("out", *NAMES):
+        assert got[n].dtype == dtype
+        assert_close_lowp(got[n], same[n], ref[n], f"{dtype} {n}")
+
+
+@needs_triton
+@interpret
+def test_triton_partial_gradients():
+    """Only some inputs require grad: the others get none and nothing breaks."""
+    t, conv = make_problem("3x3", dtype=torch.float32, device=TRITON_DEVICE)
+    x, off = t["input"].clone().requires_grad_(), t["offset"].clone().requires_grad_()
+    out = deform_conv2d(x, off, t["weight"], t["bias"], 1, 1, 1, t["mask"], backend="triton")
+    out.sum().backward()
+    x2, off2 = t["input"].clone().requires_grad_(), t["offset"].clone().requires_grad_()
+    deform_conv2d_torch(x2, off2, t["weight"], t["bias"], 1, 1, 1, t["mask"]).sum().backward()
+    assert_close(x.grad, x2.grad, torch.float32, 36)
+    assert_close(off.grad, off2.grad, torch.float32, 36)
+
+
+def _op_args(device, requires_grad):
+    t, conv = make_problem("groups_straddle", dtype=torch.float32, device=device)
+    g = lambda v: v.clone().requires_grad_(requires_grad)
+    tensors = (g(t["input"]), g(t["offset"]), g(t["mask"]), g(t["weight"]), g(t["bias"]))
+    return t, conv, (*tensors, 1, 1, 1, 1, 1, 1)
+
+
+@needs_triton
+@interpret
+def test_opcheck_forward():
+    _, _, args = _op_args(TRITON_DEVICE, True)
+    torch.library.opcheck(torch.ops.amsa.deform_conv2d_fwd.default, args)
+    args_nomask = (*args[:2], None, args[3], None, *args[5:])
+    torch.library.opcheck(torch.ops.amsa.deform_conv2d_fwd.default, args_nomask, test_utils="test_schema")
+
+
+@needs_triton
+@interpret
+def test_opcheck_backward():
+    t, _, args = _op_args(TRITON_DEVICE, False)
+    gout = torch.randn(1, 6, 4, 4, device=TRITON_DEVICE)
+    x, offset, mask, weight = args[:4]
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for bwd_args in (
+        (gout, x, offset, mask, weight, *args[5:], 1, 1, 1),
+        (gout, x, offset, None, weight, *args[5:], 0, 1, 0),  # no mask, only grad_offset requested
+    ):
+        torch.library.opcheck(torch.ops.amsa.deform_conv2d_bwd.default, bwd_args, test_utils=utils)
+
+
+@needs_triton
+@interpret
+def test_compile_fullgraph_triton_op():
+    _, _, args = _op_args(TRITON_DEVICE, False)
+    fn = lambda x, o, m, w, b: deform_conv2d(x, o, w, b, 1, 1, 1, m, backend="triton")
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args[:5])
+    assert_close(out, fn(*args[:5]), torch.float32, 18)
+
+
+# ------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 8])
+def test_gpu_amsa_shape(dtype, G):
+    """An AMSA-sized problem (64 channels at 40x40, 3x3, offset groups 1 and 8) on CUDA, fwd + bwd."""
+    B, C, H, W = 2, 64, 40, 40
+    dev = "cuda"
+    x = torch.randn(B, C, H, W, device=dev, dtype=torch.float64)
+    t = {
+        "input": x,
+        "offset": torch.randn(B, 2 * G * 9, H, W, device=dev, dtype=torch.float64) * 3,
+        "mask": torch.rand(B, G * 9, H, W, device=dev, dtype=torch.float64),
+        "weight": torch.randn(C, C, 3, 3, device=dev, dtype=torch.float64) / 24,
+        "bias": torch.randn(C, device=dev, dtype=torch.float64),
+    }
+    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    gout = torch.randn(B, C, H, W, device=dev, dtype=torch.float64)
+    low = {n: v.to(dtype) for n, v in t.items()}
+    got = run(deform_conv2d, low, conv, gout)
+    same = run(deform_conv2d_torch, low, conv, gout)
+    ref = run(deform_conv2d_torch, {n: v.to(dtype).double() for n, v in t.items()}, conv, gout)
+    for n in ("out", *NAMES):
+        if dtype == torch.float32:
+            assert_close(got[n], ref[n], torch.float32, C * 9, n)
+        else:
+            assert_close_lowp(got[n], same[n], ref[n], f"{dtype} {n}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_matches_torchvision():
+    tvops = pytest.importorskip("torchvision.ops")
+    for case in TRITON_CASES:
+        t, conv = make_problem(case, dtype=torch.float32, device="cuda")
+        gout = torch.randn_like(run(deform_conv2d_torch, t, conv)["out"])
+        got = run(deform_conv2d, t, conv, gout)
+        want = run(tvops.deform_conv2d, t, conv, gout)
+        for n in ("out", *NAMES):
+            if want[n] is not None:
+                assert_close(got[n], want[n], torch.float32, reduction(t), f"{case} {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cuda
+def test_gpu_beyond_int32_indexing():
+    """Input with more than 2**31 elements (about 11 GB of GPU memory in all): the last pixels are right."""
+    H = W = 33000
+    x = torch.randn(1, 2, H, W, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    offset = torch.zeros(1, 2, H, W, device="cuda", dtype=torch.float16)
+    offset[0, 1, -1, -2] = 0.5  # last row: halfway between the last two pixels
+    weight = torch.tensor([1.0, -2.0], device="cuda", dtype=torch.float16).reshape(1, 2, 1, 1)
+    out = deform_conv2d(x, offset, weight)
+    want = x[0, 0, -1, -4:].float() - 2 * x[0, 1, -1, -4:].float()
+    want[-2] = (x[0, 0, -1, -2:].float().mean() - 2 * x[0, 1, -1, -2:].float().mean())
+    torch.testing.assert_close(out[0, 0, -1, -4:].float(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compile_fullgraph():
+    _, _, args = _op_args("cuda", True)
+    fn = lambda x, o, m, w, b: deform_conv2d(x, o, w, b, 1, 1, 1, m)
+    out = torch.compile(fn, fullgraph=True)(*args[:5])
+    out.sum().backward()
+    assert_close(out, fn(*args[:5]), torch.float32, 18)
+
+
+# ------------------------------------------------------------------------------- compiled (no GPU needed)
+
+_COMPILE_SCRIPT = r"""
+import kernels.deform_conv_bwd as bwd
+import kernels.deform_conv_fwd as fwd
+from tests.support.sm90 import compile_for_sm90
+
+
+def run(kernel, dtype, constexprs, num_warps):
+    wide = ("gx_ptr", "gw_ptr")
+    types = lambda name: "*" + ("fp32" if name in wide else dtype) if name.endswith("_ptr") else "i32"
+    compile_for_sm90(kernel, types, constexprs, num_warps)
+
+
+for dtype in ("fp32", "fp16", "bf16"):
+    cfg = fwd._fwd_configs()[-1]
+    run(fwd._deform_conv_fwd_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, HAS_BIAS=1, **cfg.kwargs),
+                     cfg.num_warps)
+    run(bwd._deform_conv_bwd_data_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, NEED_GRAD_INPUT=1,
+                     BLOCK_P=64, BLOCK_N=64, BLOCK_C=16 if dtype == "fp32" else 32), 8)
+    run(bwd._deform_conv_bwd_weight_kernel, dtype, dict(KH=3, KW=3, HAS_MASK=1, BLOCK_P=64,
+                     BLOCK_N=64, BLOCK_C=32), 8)
+run(fwd._deform_conv_fwd_kernel, "fp16", dict(KH=1, KW=2, HAS_MASK=0, HAS_BIAS=0, BLOCK_P=64,
+                 BLOCK_N=64, BLOCK_C=16), 4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code that the compiler rejects: compile every kernel for an H100/H200
+    (sm_90) ahead of time with the ptxas bundled in the Triton wheel. No GPU needed."""
+    from tests.support.sm90 import run_script
+
+    pytest.importorskip("triton.backends.nvidia")
+    proc = run_script(_COMPILE_SCRIPT)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
