@@ -282,13 +282,19 @@ def train(
     )
     pg = ProcessGroup(device_kind)
     try:
-        trainer = Trainer(cfg, pg, model_factory or (lambda kwargs: AMSA(**kwargs)), log or print)
-        if resume is not None:
-            trainer.resume(resume)
-        trainer.prepare()
-        return trainer.run(cfg.updates if stop_after is None else min(cfg.updates, stop_after))
+        return _run(Trainer(cfg, pg, model_factory or (lambda kwargs: AMSA(**kwargs)), log or print),
+                    resume, cfg.updates if stop_after is None else min(cfg.updates, stop_after))
     finally:
         pg.close()
+
+
+def _run(trainer: Trainer, resume: str | None, end: int) -> TrainState:
+    # The trainer (and its DDP wrappers) is released when this returns, before the process group is
+    # destroyed: a DDP reducer outliving its group aborts the process at exit.
+    if resume is not None:
+        trainer.resume(resume)
+    trainer.prepare()
+    return trainer.run(end)
 
 
 def main_train(config: str, *, resume: str | None = None, out_dir: str | None = None) -> int:
