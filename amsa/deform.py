@@ -152,10 +152,15 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
     """Bilinear samples of x [B, G, Cg, H, W] at points py, px [B, G, N] (torchvision's border rule).
 
     Returns [B, G, Cg, N]. Differentiable in x and in the points (through the fractional parts; the floor
-    corners are constants, which gives torchvision's offset gradient at integer positions).
+    corners are constants, which gives torchvision's offset gradient at integer positions). A point with
+    -1 <= py < H and -1 <= px < W blends its four floor corners, each corner outside the image counting
+    zero; every other point samples nothing. On py = -1 (or px = -1) exactly the value is 0 either way,
+    but the point's gradient is torchvision's: the one-sided derivative into the image.
     """
     B, G, Cg, H, W = x.shape
-    inside = (py > -1) & (py < H) & (px > -1) & (px < W)
+    if H * W == 0:  # an empty image samples zeros (the output is bias only), gradients stay connected
+        return (x.sum() + (py + px).unsqueeze(2)) * 0 + x.new_zeros(B, G, Cg, py.shape[-1])
+    inside = (py >= -1) & (py < H) & (px >= -1) & (px < W)
     py = torch.where(inside, py, torch.zeros_like(py))
     px = torch.where(inside, px, torch.zeros_like(px))
     y0 = py.detach().floor()

@@ -9,8 +9,10 @@ k = (i, j) and input channel c of offset group og = c // (Cin / G)::
     out[b, o, p] = bias[o] + sum_{c in group(o), k} weight[o, c - group start, i, j] * col[b, c, k, p]
 
 ``bilinear`` is zero when h <= -1, h >= H, w <= -1 or w >= W; otherwise it blends the four floor corners,
-each corner outside the image contributing zero. Sample positions are computed in fp32 whatever the
-input dtype (torchvision computes them in the input dtype, which loses sub-pixel precision in fp16).
+each corner outside the image contributing zero (``kernels/deform_sampling.py``; on -1 exactly the offset
+gradient is the one-sided derivative into the image, as torchvision's). Sample positions are computed in
+fp32 whatever the input dtype (torchvision computes them in the input dtype, which loses sub-pixel
+precision in fp16).
 
 ``_deform_conv_fwd_kernel`` is an implicit GEMM that never materialises ``col``: a program owns a tile of
 output positions x output channels of one (batch, weight group); it loops over taps and input-channel

@@ -1,6 +1,8 @@
 """Bilinear sampling shared by the deformable-convolution kernels (paper Eq. 6-8), under torchvision's
-border rule: a sample point (h, w) reads nothing when h <= -1, h >= H, w <= -1 or w >= W; otherwise it
-blends its four floor corners, each corner outside the image contributing zero. Points are fp32."""
+border rule: a sample point (h, w) with -1 <= h < H and -1 <= w < W blends its four floor corners, each
+corner outside the image contributing zero; any other point reads nothing. On h = -1 (w = -1) exactly the
+value is 0 either way, and the offset gradient is the one-sided derivative into the image, as
+torchvision's. Points are fp32."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ def bilinear_corners(h, w, H, W, valid):
     corner rows/columns are usable. Points that are outside (or masked by ``valid``) get all corners
     unusable and lh = lw = 0, so neither values nor offset gradients flow through them.
     """
-    inside = valid & (h > -1.0) & (h < H) & (w > -1.0) & (w < W)
+    # -1 itself is inside: the value there is 0 (its only usable corners have weight 0), but the offset
+    # gradient is torchvision's one-sided derivative into the image.
+    inside = valid & (h >= -1.0) & (h < H) & (w >= -1.0) & (w < W)
     # Far-away (or NaN) points are moved to 0 before the float -> int conversion.
     h = tl.where(inside, h, 0.0)
     w = tl.where(inside, w, 0.0)

@@ -84,6 +84,79 @@ def test_offset_gradient_at_integer_point_uses_floor_corners():
     assert out[0, 0, 1, 1].item() == x[0, 0, 2, 3]
 
 
+def _offset_grad_by_forward_differences(t, conv, gout, eps=1e-3):
+    """d<gout, out>/d offset by one-sided (forward) differences of the float64 PyTorch path, entry by
+    entry: moving an offset by +eps moves one sample point into the direction torchvision's offset
+    gradient is taken in (the floor corners), and at integer points the output is linear on that side."""
+    fn = lambda off: (deform_conv2d_torch(t["input"], off, t["weight"], t["bias"], conv["stride"],
+                                          conv["padding"], conv["dilation"], t["mask"]) * gout).sum()
+    base, off = fn(t["offset"]), t["offset"]
+    grad = torch.empty_like(off)
+    for i in range(off.numel()):
+        moved = off.clone().view(-1)
+        moved[i] += eps
+        grad.view(-1)[i] = (fn(moved.view_as(off)) - base) / eps
+    return grad
+
+
+def test_minimal_minus_one_border_gradient_is_torchvisions():
+    """Zero offsets at padding 1 put tap row 0 of output row 0 exactly on y = -1: torchvision's offset
+    gradient there is the one-sided derivative into the image (value and other gradients unchanged)."""
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    w = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    t = {"input": x, "offset": torch.zeros(1, 18, 4, 4, dtype=torch.float64), "weight": w, "bias": None,
+         "mask": None}
+    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    gout = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    got = run(deform_conv2d, t, conv, gout)
+    edge = got["offset"][0, 2, 0, :]  # dy of tap (0, 1) at output row 0: samples y = -1
+    assert (edge.abs() > 1e-3).all()
+    # one-sided derivative into the image: d/dy [(1 - y') * 0 + y' * x[0, j]] = w[0, 0, 0, 1] * x[0, j]
+    torch.testing.assert_close(edge, w[0, 0, 0, 1] * x[0, 0, 0, :])
+    assert_close(got["offset"], _offset_grad_by_forward_differences(t, conv, gout), torch.float64, 1e4)
+    assert_close(got["out"], torch.nn.functional.conv2d(x, w, padding=1), torch.float64, 9)
+
+
+@pytest.mark.parametrize("case", ["3x3", "2x3_stride_dil", "offset_groups_nomask"])
+def test_offset_gradient_at_integer_points_equals_forward_differences(case):
+    """Integer offsets put sample points on integers, on -1 and H - 1, beyond the borders and far away:
+    everywhere the offset gradient is the forward difference (torchvision's rule), and the float64
+    reference agrees."""
+    t, conv = make_problem(case)
+    H, W = t["input"].shape[2:]
+    t["offset"] = torch.randint(-3, 4, t["offset"].shape).double()
+    t["offset"][:, ::4] = -1.0 - (torch.arange(t["offset"].shape[-1]) % 2).double()  # many on -1 and -2
+    gout = torch.randn_like(ref64(t, conv)["out"])
+    got = run(deform_conv2d_torch, t, conv, gout)
+    assert_close(got["offset"], _offset_grad_by_forward_differences(t, conv, gout), torch.float64, 1e4)
+    assert_close(got["offset"], ref64(t, conv, gout)["offset"], torch.float64, reduction(t))
+
+
+def test_gradcheck_with_exactly_integer_offsets():
+    """At integer offsets (-1 borders included) the op is differentiable in input, mask, weight and bias
+    (linear in each); gradcheck them with the offsets held fixed."""
+    t, conv = make_problem("3x3")
+    off = torch.randint(-2, 3, t["offset"].shape).double()
+    names = ("input", "mask", "weight", "bias")
+    inputs = tuple(t[n].clone().requires_grad_() for n in names)
+    fn = lambda x, m, w, b: deform_conv2d(x, off, w, b, conv["stride"], conv["padding"], conv["dilation"], m)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_empty_input_with_padding_gives_bias():
+    """H = 0 with padding 2: the output is 2 rows of bias, as torchvision gives; gradients are zeros."""
+    x = torch.randn(1, 2, 0, 5, dtype=torch.float64, requires_grad=True)
+    off = torch.zeros(1, 18, 2, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = deform_conv2d(x, off, w, b, padding=2, backend="torch")
+    assert out.shape == (1, 3, 2, 7)
+    assert torch.equal(out, b[None, :, None, None].expand_as(out))
+    out.sum().backward()
+    assert not off.grad.any() and not w.grad.any() and x.grad.shape == x.shape
+    torch.testing.assert_close(b.grad, torch.full_like(b, 14.0))
+
+
 def test_far_outside_gives_bias_and_zero_gradients():
     t, conv = make_problem("3x3")
     t["offset"] = torch.full_like(t["offset"], -1e9)

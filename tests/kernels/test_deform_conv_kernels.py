@@ -59,6 +59,25 @@ def test_triton_integer_border_far_points(poison):
 
 @needs_triton
 @interpret
+def test_triton_minus_one_border_gradient(poison):
+    """Zero and integer offsets at padding 1 (the zero-initialised DCNs of Dynamic Aggregation) put whole
+    tap rows and columns on -1: the kernels give torchvision's one-sided offset gradient there, as the
+    float64 PyTorch path (itself checked against forward differences) does."""
+    t, conv = make_problem("offset_groups_nomask", device=TRITON_DEVICE)
+    t["offset"] = torch.randint(-1, 2, t["offset"].shape, device=TRITON_DEVICE).double()
+    t["offset"][:, :8] = 0.0
+    gout = torch.randn_like(ref64(t, conv)["out"])
+    want = run(deform_conv2d_torch, t, conv, gout)
+    t32 = {n: None if v is None else v.float() for n, v in t.items()}
+    got = run(deform_conv2d, t32, conv, gout, backend="triton")
+    assert (want["offset"][:, 0, 0].abs() > 0).any()  # the -1 row has nonzero offset gradients
+    for n in ("out", *NAMES):
+        if want[n] is not None:
+            assert_close(got[n], want[n], torch.float32, reduction(t), n)
+
+
+@needs_triton
+@interpret
 def test_triton_non_contiguous_and_expanded_grad(poison):
     t, conv = make_problem("groups", dtype=torch.float32, device=TRITON_DEVICE)
     nc = {

@@ -33,7 +33,9 @@ def reference_deform_conv2d(x, offset, weight, bias, stride, padding, dilation, 
                 k = g * kh * kw + i * kw + j
                 h = ho * sh - ph + i * dh + offset[:, 2 * k]
                 w = wo * sw - pw + j * dw + offset[:, 2 * k + 1]
-                inside = (h > -1) & (h < H) & (w > -1) & (w < W)
+                # torchvision's rule: points on -1 exactly blend their corners too (value 0, one-sided
+                # gradient into the image); points beyond -1 or at H (W) sample nothing
+                inside = (h >= -1) & (h < H) & (w >= -1) & (w < W)
                 h0 = torch.floor(h.detach())
                 w0 = torch.floor(w.detach())
                 val = 0
