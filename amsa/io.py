@@ -21,15 +21,21 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "RESIZE_MODES",
     "append_jsonl",
     "atomic_write",
     "bicubic_resize",
     "load_image",
+    "quantize_8bit",
     "read_json",
+    "resize",
     "sample_photo_path",
     "save_image",
     "write_json",
 ]
+
+#: Bicubic resizing conventions of :func:`resize`.
+RESIZE_MODES = ("antialias", "pil", "torch")
 
 # PIL modes that convert to RGB without losing meaning. Alpha is composited onto white.
 _CONVERTIBLE_MODES = {
@@ -149,6 +155,42 @@ def bicubic_resize(
     out = F.interpolate(work, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=antialias)
     if clamp:
         out = out.clamp(0.0, 1.0)
+    return out.to(img.dtype)
+
+
+def quantize_8bit(img: torch.Tensor) -> torch.Tensor:
+    """Clip to ``[0, 1]`` and round to the 256 levels of an 8-bit image (what saving to PNG does)."""
+    return (img.clamp(0.0, 1.0) * 255.0).round() / 255.0
+
+
+def resize(img: torch.Tensor, size: tuple[int, int], mode: str = "antialias") -> torch.Tensor:
+    """Bicubic resize of images ``[B, C, H, W]`` in ``[0, 1]`` to ``size`` ``(H', W')``, in one of the
+    conventions RefSR code uses:
+
+    * ``"antialias"``: :func:`bicubic_resize` (antialiased when shrinking, clamped), our default;
+    * ``"pil"``: PIL's ``Image.resize(..., BICUBIC)`` on 8-bit images, as the official AMSA data pipeline
+      makes LR, LR-up and the multi-scale references: separable antialiased bicubic (a = -0.5), width
+      first (as the Pillow of that release), each pass rounded and clipped to 8-bit levels (equal to
+      PIL's passes within a level or two: its fixed-point coefficients round differently at times);
+    * ``"torch"``: ``F.interpolate(mode="bicubic", align_corners=False)``: no antialiasing, no clamping
+      (a = -0.75), as the official model resizes its matching pyramids inside its forward.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize: mode must be one of {RESIZE_MODES}, got {mode!r}")
+    size = (int(size[0]), int(size[1]))
+    if mode == "antialias":
+        return bicubic_resize(img, size)
+    if not isinstance(img, torch.Tensor) or img.dim() != 4 or not img.is_floating_point():
+        got = list(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"resize: expected a floating-point [B, C, H, W] tensor, got {got}")
+    work = img if img.dtype in (torch.float32, torch.float64) else img.float()
+    if mode == "torch":
+        return F.interpolate(work, size=size, mode="bicubic", align_corners=False).to(img.dtype)
+    out = quantize_8bit(work)
+    for axis_size in ((out.shape[-2], size[1]), size):  # width first, then height, as PIL does
+        if tuple(out.shape[-2:]) != axis_size:
+            out = F.interpolate(out, size=axis_size, mode="bicubic", align_corners=False, antialias=True)
+            out = quantize_8bit(out)
     return out.to(img.dtype)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from amsa.io import quantize_8bit
+
 __all__ = ["psnr", "quantize_8bit", "rgb_to_y", "ssim"]
 
 # MATLAB rgb2ycbcr, Y row, for RGB in [0, 1] -> Y in [16, 235].
@@ -35,11 +37,6 @@ def _check_pair(sr: torch.Tensor, hr: torch.Tensor, name: str) -> None:
         raise ValueError(
             f"{name}: sr and hr must have the same shape, got {list(sr.shape)} and {list(hr.shape)}"
         )
-
-
-def quantize_8bit(img: torch.Tensor) -> torch.Tensor:
-    """Clip to ``[0, 1]`` and round to the 256 levels of an 8-bit image (what saving to PNG does)."""
-    return (img.clamp(0.0, 1.0) * 255.0).round() / 255.0
 
 
 def rgb_to_y(img: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import nn
 
 from amsa._checks import as_list, check_image, check_same
 from amsa.deform import Backend
-from amsa.io import bicubic_resize
+from amsa.io import resize
 from amsa.matching import Match, Pyramid, cfe_patchmatch
 from amsa.models.aggregation import flow_from_positions, multiscale_weights, pre_offsets
 from amsa.models.checkpoints import WeightsSource, load_weights
@@ -21,7 +22,20 @@ from amsa.models.extractors import ContrasExtractorSep, VGGFeatures
 from amsa.models.restoration import BRANCHES, SCALE, RestorationNet
 from amsa.timing import stage
 
-__all__ = ["AMSA"]
+__all__ = ["AMSA", "RESIZES"]
+
+
+class _ResizeModes(NamedTuple):
+    """The :func:`amsa.io.resize` mode of each resize in the matching stage."""
+
+    references: str  # the multi-scale references Ref_i
+    lr_up: str  # LR-up, the finest query level
+    levels: str  # the coarser pyramid levels (down 2^l, the LR side then up 4x)
+
+
+#: ``AMSA(resize=...)``: the official release's conventions, or antialiased bicubic throughout.
+RESIZES = {"official": _ResizeModes("pil", "pil", "torch"),
+           "antialias": _ResizeModes("antialias", "antialias", "antialias")}
 
 
 class AMSA(nn.Module):
@@ -32,8 +46,18 @@ class AMSA(nn.Module):
         ref_scales, scale_factor: the multi-scale references Ref_i, i < n, each the previous one resized by
             k (paper: n = 5, k = 0.8).
         iters: CFE-PatchMatch iterations per level, coarse to fine (paper (1, 1, 2, 6)).
-        temperature: of the softmax over the relevance maps (Eq. 9): softmax(S_i / T). Our scores are true
-            cosines; the official softmax(10 * 3cos) is T = 1/30.
+        temperature: of the softmax over the relevance maps (Eq. 9): softmax(S_i / T). Our scores are
+            cosines of patches of per-pixel-normalised features; the official softmax(10 * S) with its
+            S = 3 cos of the same patches is T = 1/30.
+        normalize_features: L2-normalise the finest-level matching features per pixel over channels before
+            matching, as the official correspondence stage does (its coarse levels stay raw: only their
+            argmax is used, which a per-pixel scale of the query does not move, and the official code
+            passes them unnormalised). The official checkpoints were trained on these matches and scores.
+        resize: how images are resized for matching. ``"official"`` (what the official checkpoints were
+            trained and tested with): the multi-scale references and LR-up as PIL's bicubic on 8-bit
+            images (the official data pipeline), the coarse pyramid levels by ``F.interpolate`` bicubic,
+            no antialiasing, no clamping (the official forward). ``"antialias"``: antialiased, clamped
+            bicubic everywhere (:func:`amsa.io.bicubic_resize`). Training and inference use the same.
         seed: seeds the matcher's random initialisation (deterministic inference).
         backend: "auto" | "torch" | "triton" for matching and deformable convolutions.
         weights: official ``restoration*.pth`` (local path or state dict) for ``net``.
@@ -68,6 +92,8 @@ class AMSA(nn.Module):
         feature_weights: WeightsSource | None = None,
         vgg_weights: WeightsSource | None = None,
         official_content: bool = False,
+        normalize_features: bool = True,
+        resize: str = "official",
     ) -> None:
         super().__init__()
         if ref_scales < 1:
@@ -82,6 +108,9 @@ class AMSA(nn.Module):
         self.ref_scales, self.scale_factor = ref_scales, scale_factor
         self.temperature, self.seed, self.backend = temperature, seed, backend
         self.official_content = official_content
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {sorted(RESIZES)}, got {resize!r}")
+        self.normalize_features, self.resize = normalize_features, resize
 
         self.net = RestorationNet(ngf, n_blocks, groups, backend=backend)
         if weights is None:
@@ -128,7 +157,8 @@ class AMSA(nn.Module):
 
     def _multiscale(self, refs: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
         """Ref_i: each reference and its ``ref_scales - 1`` successive bicubic resizes by ``scale_factor``
-        (sizes floor(H * k^i), cut to multiples of 4), zero-padded bottom/right to ``size``."""
+        (sizes floor(H * k^i), each from the previous one as the official data pipeline does, cut to
+        multiples of 4), zero-padded bottom/right to ``size``."""
         out = []
         for r in refs:
             img, (h, w) = r, (float(r.shape[-2]), float(r.shape[-1]))
@@ -140,7 +170,7 @@ class AMSA(nn.Module):
                             f"ref of {tuple(r.shape[-2:])} shrinks below {SCALE} pixels at scale {i} "
                             f"(ref_scales={self.ref_scales}, scale_factor={self.scale_factor})"
                         )
-                    img = bicubic_resize(img, (int(h), int(w)))
+                    img = resize(img, (int(h), int(w)), RESIZES[self.resize].references)
                 cut = img[..., : img.shape[-2] // SCALE * SCALE, : img.shape[-1] // SCALE * SCALE]
                 out.append(F.pad(cut, (0, size[1] - cut.shape[-1], 0, size[0] - cut.shape[-2])))
         return out
@@ -155,17 +185,34 @@ class AMSA(nn.Module):
             size.append(SCALE * math.ceil(lr_side / f) * f)
         return size[0], size[1]
 
-    def _pyramid(self, extractor: nn.Module, images: torch.Tensor, upsample: bool) -> Pyramid:
-        """Matching features of ``images`` at every level, coarse to fine: the extractor run on the images
-        bicubic-downsampled by 2^l (the official release does this rather than pooling features). The LR
-        side (``upsample``) is bicubic-upsampled 4x first (LR-up)."""
+    def _pyramid(self, extractor: nn.Module, images: torch.Tensor, lr: bool) -> list[torch.Tensor]:
+        """Matching features of ``images`` at every level, fine to coarse: the extractor run on the images
+        bicubic-downsampled by 2^l, each level from the previous one (the official release does this
+        rather than pooling features). The LR side (``lr``) is bicubic-upsampled 4x first (LR-up)."""
+        modes = RESIZES[self.resize]
         levels, img = [], images
         for lv in range(len(self.iters)):
             if lv > 0:
-                img = bicubic_resize(img, (img.shape[-2] // 2, img.shape[-1] // 2))
-            up = bicubic_resize(img, (SCALE * img.shape[-2], SCALE * img.shape[-1])) if upsample else img
-            levels.append(extractor(up))
-        return Pyramid(levels[::-1])
+                img = resize(img, (img.shape[-2] // 2, img.shape[-1] // 2), modes.levels)
+            if lr:
+                up = resize(img, (SCALE * img.shape[-2], SCALE * img.shape[-1]),
+                            modes.lr_up if lv == 0 else modes.levels)
+            levels.append(extractor(up if lr else img))
+        if self.normalize_features:
+            levels[0] = F.normalize(levels[0], dim=1)
+        return levels
+
+    @torch.no_grad()
+    def matching_features(self, lr_pad: torch.Tensor, scaled: list[torch.Tensor]) -> tuple[Pyramid, list]:
+        """The matcher's inputs: the query :class:`Pyramid` of LR-up (``lr_pad`` [B, 3, h, w], padded) and
+        one Pyramid per reference scale (``scaled``, each [B, 3, 4h, 4w]), coarse to fine; the finest
+        levels per-pixel normalised when ``normalize_features``."""
+        query = self._pyramid(self.matching_extractor.feature_extraction_image1, lr_pad, lr=True)
+        # All reference scales share one size: one extractor call per level for all of them.
+        keys = self._pyramid(self.matching_extractor.feature_extraction_image2, torch.cat(scaled), lr=False)
+        B = lr_pad.shape[0]
+        return (Pyramid(query[::-1]),
+                [Pyramid(lv[i * B:(i + 1) * B] for lv in keys[::-1]) for i in range(len(scaled))])
 
     def _prepare(self, lr: torch.Tensor, ref) -> tuple[torch.Tensor, list[torch.Tensor], list[Match]]:
         """Padded LR, padded multi-scale references and their matches (features + matching stages)."""
@@ -176,11 +223,7 @@ class AMSA(nn.Module):
             lr_pad = F.pad(lr, (0, size[1] // SCALE - lr.shape[-1], 0, size[0] // SCALE - lr.shape[-2]),
                            mode="replicate")
             scaled = self._multiscale(refs, size)
-            query = self._pyramid(self.matching_extractor.feature_extraction_image1, lr_pad, upsample=True)
-            # All reference scales share one size: one extractor call per level for all of them.
-            keys = self._pyramid(self.matching_extractor.feature_extraction_image2, torch.cat(scaled), False)
-            n, B = len(scaled), lr.shape[0]
-            keys = [Pyramid(lv[i * B:(i + 1) * B] for lv in keys) for i in range(n)]
+            query, keys = self.matching_features(lr_pad, scaled)
         with stage("amsa.matching"):
             matches = cfe_patchmatch(query, keys, self.iters, seed=self.seed, backend=self.backend)
         return lr_pad, scaled, matches
@@ -190,7 +233,9 @@ class AMSA(nn.Module):
 
         Returns one :class:`amsa.Match` per reference scale (reference 0 scales 0..n-1, then reference
         1, ...): ``pos`` [B, h, w, 2] (y, x) on the LR grid, in the 1/4 grid of that scaled reference
-        (multiply by 4 for its pixels); ``score`` [B, h, w] cosine relevance S_i.
+        (multiply by 4 for its pixels); ``score`` [B, h, w] the relevance S_i, the cosine of the 3x3
+        patches of the matching features (per-pixel normalised at this level by default; the official
+        ``max_val`` is 3x it wherever the patch lies inside the map, and 0 on the map's 1-pixel border).
         """
         _, _, matches = self._prepare(lr, ref)
         h, w = lr.shape[-2:]
@@ -216,5 +261,6 @@ class AMSA(nn.Module):
         return (
             f"ref_scales={self.ref_scales}, scale_factor={self.scale_factor}, iters={self.iters}, "
             f"temperature={self.temperature:.4g}, seed={self.seed}, backend={self.backend!r}, "
-            f"official_content={self.official_content}"
+            f"official_content={self.official_content}, normalize_features={self.normalize_features}, "
+            f"resize={self.resize!r}"
         )

@@ -1,8 +1,10 @@
 """Training and test data for 4x RefSR.
 
 Datasets return dicts of ``[3, H, W]`` float32 RGB tensors in ``[0, 1]``: ``hr`` (ground truth), ``lr``
-(``hr`` bicubic-downsampled by ``scale``, antialiased, rounded to 8-bit levels as a saved LR image would
-be) and ``ref`` (one reference), plus ``name``.
+(``hr`` bicubic-downsampled by ``scale`` as the official pipeline does it, with PIL on 8-bit images:
+``amsa.io.resize(mode="pil")``) and ``ref`` (one reference), plus ``name``. Every resize of these images
+uses that convention, so the official checkpoints, and models trained here, see the data the official
+release trains and tests on.
 
 * :class:`CUFEDTrainSet`: the CUFED training layout ``ROOT/input/NAME.png`` + ``ROOT/ref/NAME.png``
   (11,871 160x160 pairs). As in the official release: the HR image is cropped to a multiple of
@@ -32,8 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from amsa.evaluation.metrics import quantize_8bit
-from amsa.io import bicubic_resize, load_image, sample_photo_path
+from amsa.io import load_image, quantize_8bit, resize, sample_photo_path
 
 __all__ = [
     "SAMPLE_FOLDER",
@@ -60,12 +61,13 @@ def mod_crop(img: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def make_lr(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:
-    """The LR input of ``hr`` ``[3, H, W]`` (H, W multiples of ``scale``): antialiased bicubic
-    downsampling by ``scale`` then rounding to 8-bit levels. Returns ``[3, H / scale, W / scale]``."""
+    """The LR input of ``hr`` ``[3, H, W]`` (H, W multiples of ``scale``): bicubic downsampling by ``scale``
+    as PIL does it on 8-bit images (``amsa.io.resize(mode="pil")``), the official data pipeline's LR.
+    Returns ``[3, H / scale, W / scale]`` in 8-bit levels."""
     h, w = hr.shape[-2:]
     if h % scale or w % scale:
         raise ValueError(f"make_lr: hr size {h}x{w} is not a multiple of scale {scale}")
-    return quantize_8bit(bicubic_resize(hr.unsqueeze(0), (h // scale, w // scale))[0])
+    return resize(hr.unsqueeze(0), (h // scale, w // scale), "pil")[0]
 
 
 def augment(images: Sequence[torch.Tensor], hflip: bool, vflip: bool, rot90: int) -> list[torch.Tensor]:
@@ -162,7 +164,7 @@ class CUFEDTrainSet(Dataset):
         name = self.names[index]
         path = os.path.join(self.input_dir, name)
         hr, _, _ = _random_crop(mod_crop(load_image(path)[0], 8 * self.scale), self.gt_size, g, path)
-        ref = bicubic_resize(load_image(os.path.join(self.ref_dir, name)), self.gt_size)[0]
+        ref = resize(load_image(os.path.join(self.ref_dir, name)), (self.gt_size, self.gt_size), "pil")[0]
         hr, ref = _random_augment([hr, ref], g, self.flip, self.rot90)
         return {"hr": hr, "lr": make_lr(hr, self.scale), "ref": ref, "name": os.path.splitext(name)[0]}
 
@@ -228,7 +230,7 @@ class SelfReferenceSet(Dataset):
         cx = left + n / 2 + (2 * u[2] - 1) * self.max_shift * n
         y0 = int(min(max(round(cy - win / 2), 0), ph - win))
         x0 = int(min(max(round(cx - win / 2), 0), pw - win))
-        ref = bicubic_resize(photo[None, :, y0 : y0 + win, x0 : x0 + win], n)[0]
+        ref = resize(photo[None, :, y0 : y0 + win, x0 : x0 + win], (n, n), "pil")[0]
         log_jitter = torch.log1p(torch.tensor(self.gamma_jitter, dtype=torch.float64))
         gamma = float(torch.exp((2 * u[3] - 1) * log_jitter))
         ref = quantize_8bit(ref.clamp_min(0.0) ** gamma)

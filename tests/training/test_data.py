@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from amsa.io import bicubic_resize
 from amsa.training.data import (
     SAMPLE_FOLDER,
     CUFED5TestSet,
@@ -59,11 +58,14 @@ def test_augment_is_the_dihedral_group():
 
 
 def test_make_lr_and_mod_crop():
-    hr = torch.rand(3, 20, 28)
+    """LR as the official pipeline makes it: PIL's bicubic on the 8-bit HR (within one level)."""
+    hr = torch.randint(0, 256, (3, 20, 28)).float() / 255
     lr = make_lr(hr)
     assert lr.shape == (3, 5, 7)
     assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit levels
-    assert (lr - bicubic_resize(hr[None], (5, 7))[0]).abs().max() <= 0.5 / 255 + 1e-6
+    u8 = (hr * 255).round().byte().permute(1, 2, 0).numpy()
+    pil = torch.from_numpy(np.asarray(Image.fromarray(u8).resize((7, 5), Image.BICUBIC))).permute(2, 0, 1)
+    assert (lr * 255 - pil.float()).abs().max() <= 1
     assert mod_crop(torch.rand(3, 70, 75), 32).shape == (3, 64, 64)
     with pytest.raises(ValueError, match="multiple of scale"):
         make_lr(torch.rand(3, 21, 28))
