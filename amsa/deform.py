@@ -141,10 +141,15 @@ def deform_conv2d(
         cast = lambda t: None if t is None else t.to(dt)
         input, offset, weight, bias, mask = (cast(t) for t in (input, offset, weight, bias, mask))
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    if choose_backend(backend, input.device, input.dtype, "deform_conv2d") == "triton" and input.shape[0] > 0:
+    chosen = choose_backend(backend, input.device, input.dtype, "deform_conv2d")
+    if chosen == "triton" and input.shape[0] > 0:
         from kernels.deform_conv import deform_conv2d_fwd  # imported lazily: triton is only needed here
 
         return deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
+    if chosen == "numba":
+        from kernels.cpu_deform import cpu_deform_conv2d_fwd  # imported lazily: numba is only needed here
+
+        return cpu_deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
     return deform_conv2d_torch(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
