@@ -50,9 +50,9 @@ def _corners(xpad, offset, mask, has_mask, ch, l, ho, wo, ki, kj, conv):
     sh, sw, ph, pw, dh, dw = conv
     H, W, C = xpad.shape[0] - 2, xpad.shape[1] - 2, xpad.shape[2]
     T = xpad.dtype.type
-    h = T(ho * sh - ph + ki * dh) + offset[2 * ch, l]
-    w = T(wo * sw - pw + kj * dw) + offset[2 * ch + 1, l]
-    m = mask[ch, l] if has_mask else T(1)
+    h = T(ho * sh - ph + ki * dh) + offset[l, 2 * ch]
+    w = T(wo * sw - pw + kj * dw) + offset[l, 2 * ch + 1]
+    m = mask[l, ch] if has_mask else T(1)
     inside = h >= -1 and h < H and w >= -1 and w < W  # False for NaN points too
     if not inside:
         h, w = T(0), T(0)
@@ -82,65 +82,72 @@ def _runs(x, at, row_step, C, c, n):
 @kernel
 def _sample_columns(xpad, offset, mask, has_mask, l0, n, col, Wo, kh, kw, c_per_g, conv):
     """col[p, (gr*kk + k)*c_per_g + c] = m * bilinear sample of channel gr*c_per_g + c at tap k, for the n
-    positions l0 + p. xpad [H+2, W+2, C] one padded image; offset [2*G*kk, L], mask [G*kk, L]."""
+    positions l0 + p. xpad [H+2, W+2, C] one padded image; offset [L, 2*G*kk], mask [L, G*kk] (position-
+    major: the taps of a position are contiguous)."""
     C = xpad.shape[2]
     kk = kh * kw
-    c_og = C // (offset.shape[0] // (2 * kk))
+    G = offset.shape[1] // (2 * kk)
+    c_og = C // G
     x, row_step = xpad.reshape(-1), xpad.shape[1] * C
     for p in prange(n):
         l = l0 + p
-        for og in range(offset.shape[0] // (2 * kk)):
-            for k in range(kk):
-                inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                    xpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, k // kw, k % kw, conv)
-                lo, hi = og * c_og, (og + 1) * c_og
-                for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
-                    c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
-                    dst = col[p, j : j + cn]
-                    if not inside:
-                        dst[:] = 0
-                        continue
-                    v00, v01, v10, v11 = _runs(x, at, row_step, C, c, cn)
-                    for i in range(cn):
-                        dst[i] = (a00 * v00[i] + a01 * v01[i] + a10 * v10[i] + a11 * v11[i]) * m
+        for og in range(G):
+            lo, hi = og * c_og, (og + 1) * c_og
+            for ki in range(kh):
+                for kj in range(kw):
+                    k = ki * kw + kj
+                    inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
+                        xpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, ki, kj, conv)
+                    for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
+                        c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
+                        dst = col[p, j : j + cn]
+                        if not inside:
+                            dst[:] = 0
+                            continue
+                        v00, v01, v10, v11 = _runs(x, at, row_step, C, c, cn)
+                        for i in range(cn):
+                            dst[i] = (a00 * v00[i] + a01 * v01[i] + a10 * v10[i] + a11 * v11[i]) * m
 
 
 @kernel
 def _offset_mask_grads(xpad, offset, mask, has_mask, gcol, l0, n, goff, gmask, Wo, kh, kw, c_per_g, conv):
-    """grad_offset [2*G*kk, L] and grad_mask [G*kk, L] at the n positions l0 + p from the column gradient
+    """grad_offset [L, 2*G*kk] and grad_mask [L, G*kk] at the n positions l0 + p from the column gradient
     gcol [n, groups*kk*c_per_g] (layout of :func:`_sample_columns`), in parallel over positions:
 
-        grad_mask[ch, l]       = sum_{c in og} gcol * v           (v: the unmodulated bilinear sample)
-        grad_offset[2*ch, l]   = m * sum_{c in og} gcol * dv/dh   (2*ch + 1: dv/dw)
+        grad_mask[l, ch]       = sum_{c in og} gcol * v           (v: the unmodulated bilinear sample)
+        grad_offset[l, 2*ch]   = m * sum_{c in og} gcol * dv/dh   (2*ch + 1: dv/dw)
     """
     C = xpad.shape[2]
     kk = kh * kw
-    c_og = C // (offset.shape[0] // (2 * kk))
+    G = offset.shape[1] // (2 * kk)
+    c_og = C // G
     x, row_step = xpad.reshape(-1), xpad.shape[1] * C
     one = x.dtype.type(1)
     for p in prange(n):
         l = l0 + p
-        for og in range(offset.shape[0] // (2 * kk)):
-            for k in range(kk):
-                ch = og * kk + k
-                inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                    xpad, offset, mask, has_mask, ch, l, l // Wo, l % Wo, k // kw, k % kw, conv)
-                g_v = g_h = g_w = x.dtype.type(0)
-                lo, hi = og * c_og, (og + 1) * c_og
-                for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
-                    if not inside:
-                        break
-                    c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
-                    g = gcol[p, j : j + cn]
-                    v00, v01, v10, v11 = _runs(x, at, row_step, C, c, cn)
-                    for i in range(cn):
-                        g_v += g[i] * (a00 * v00[i] + a01 * v01[i] + a10 * v10[i] + a11 * v11[i])
-                        g_h += g[i] * ((one - lx) * (v10[i] - v00[i]) + lx * (v11[i] - v01[i]))
-                        g_w += g[i] * ((one - ly) * (v01[i] - v00[i]) + ly * (v11[i] - v10[i]))
-                goff[2 * ch, l] = m * g_h
-                goff[2 * ch + 1, l] = m * g_w
-                if has_mask:
-                    gmask[ch, l] = g_v
+        for og in range(G):
+            lo, hi = og * c_og, (og + 1) * c_og
+            for ki in range(kh):
+                for kj in range(kw):
+                    k = ki * kw + kj
+                    ch = og * kk + k
+                    inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
+                        xpad, offset, mask, has_mask, ch, l, l // Wo, l % Wo, ki, kj, conv)
+                    g_v = g_h = g_w = x.dtype.type(0)
+                    for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
+                        if not inside:
+                            break
+                        c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
+                        g = gcol[p, j : j + cn]
+                        v00, v01, v10, v11 = _runs(x, at, row_step, C, c, cn)
+                        for i in range(cn):
+                            g_v += g[i] * (a00 * v00[i] + a01 * v01[i] + a10 * v10[i] + a11 * v11[i])
+                            g_h += g[i] * ((one - lx) * (v10[i] - v00[i]) + lx * (v11[i] - v01[i]))
+                            g_w += g[i] * ((one - ly) * (v01[i] - v00[i]) + ly * (v11[i] - v10[i]))
+                    goff[l, 2 * ch] = m * g_h
+                    goff[l, 2 * ch + 1] = m * g_w
+                    if has_mask:
+                        gmask[l, ch] = g_v
 
 
 @kernel
@@ -151,7 +158,7 @@ def _input_grad(gxpad, offset, mask, has_mask, gcol, l0, n, block, Wo, kh, kw, c
     any thread count)."""
     C = gxpad.shape[2]
     kk = kh * kw
-    c_og = C // (offset.shape[0] // (2 * kk))
+    c_og = C // (offset.shape[1] // (2 * kk))
     gx, row_step = gxpad.reshape(-1), gxpad.shape[1] * C
     for blk in prange((C + block - 1) // block):
         b_lo, b_hi = blk * block, min(C, (blk + 1) * block)
@@ -159,64 +166,73 @@ def _input_grad(gxpad, offset, mask, has_mask, gcol, l0, n, block, Wo, kh, kw, c
             l = l0 + p
             for og in range(b_lo // c_og, (b_hi - 1) // c_og + 1):
                 lo, hi = max(b_lo, og * c_og), min(b_hi, (og + 1) * c_og)
-                for k in range(kk):
-                    inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                        gxpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, k // kw, k % kw, conv)
-                    if not inside:
-                        continue
-                    for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
-                        c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
-                        g = gcol[p, j : j + cn]
-                        d00, d01, d10, d11 = _runs(gx, at, row_step, C, c, cn)
-                        for i in range(cn):
-                            gm = m * g[i]
-                            d00[i] += a00 * gm
-                            d01[i] += a01 * gm
-                            d10[i] += a10 * gm
-                            d11[i] += a11 * gm
+                for ki in range(kh):
+                    for kj in range(kw):
+                        k = ki * kw + kj
+                        inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
+                            gxpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, ki, kj, conv)
+                        if not inside:
+                            continue
+                        for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
+                            c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
+                            g = gcol[p, j : j + cn]
+                            d00, d01, d10, d11 = _runs(gx, at, row_step, C, c, cn)
+                            for i in range(cn):
+                                gm = m * g[i]
+                                d00[i] += a00 * gm
+                                d01[i] += a01 * gm
+                                d10[i] += a10 * gm
+                                d11[i] += a11 * gm
 
 
 class _Problem:
-    """One call's geometry and its operands in the kernels' layouts: the padded channels-last input, the
-    offsets and mask as [B, channels, Ho*Wo] in the sampling dtype, the column tile size."""
+    """One call's geometry, and each image's operands in the kernels' layouts (:meth:`image`)."""
 
     def __init__(self, input, offset, mask, weight, conv):
-        B, C, H, W = input.shape
+        self.input, self.offset, self.mask = input, offset, mask
+        C = input.shape[1]
         Cout, self.c_per_g, self.kh, self.kw = weight.shape
         self.groups, self.kk = C // self.c_per_g, self.kh * self.kw
+        self.cout_per_g, self.width = Cout // self.groups, self.kk * self.c_per_g
         self.Ho, self.Wo = offset.shape[2], offset.shape[3]
-        self.L, self.cout_per_g = self.Ho * self.Wo, Cout // self.groups
+        self.L = self.Ho * self.Wo
         self.conv = tuple(int(v) for v in conv)
         self.calc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        self.xpad = F.pad(input.to(self.calc), (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()
-        self.offset = offset.to(self.calc).reshape(B, -1, self.L).contiguous()
-        self.has_mask = mask is not None
-        self.mask = mask.to(self.calc).reshape(B, -1, self.L).contiguous() if self.has_mask else self.offset
-        self.tile = max(1, min(self.L, TILE_ELEMENTS // (C * self.kk)))
+        self.tile = max(1, min(self.L, TILE_ELEMENTS // (C * self.kk)))  # positions per column tile
+
+    def image(self, b: int) -> tuple:
+        """Batch element b in the sampling dtype: the padded channels-last input [H+2, W+2, C], and the
+        offsets [L, 2*G*kk] and mask [L, G*kk] position-major (a position's taps contiguous; the mask is
+        the offsets when there is none). One image at a time keeps the copies small."""
+        position_major = lambda t: t[b].to(self.calc).flatten(1).T.contiguous()
+        xpad = F.pad(self.input[b].to(self.calc), (1, 1, 1, 1)).permute(1, 2, 0).contiguous()
+        off = position_major(self.offset)
+        return xpad, off, off if self.mask is None else position_major(self.mask)
 
     def tiles(self):
-        """(batch element, first position, positions) of every column tile."""
-        return ((b, l0, min(self.tile, self.L - l0)) for b in range(self.xpad.shape[0])
-                for l0 in range(0, self.L, self.tile))
+        """(first position, positions) of every column tile of an image."""
+        return ((l0, min(self.tile, self.L - l0)) for l0 in range(0, self.L, self.tile))
 
-    def kernel_args(self, b):
-        """The sampling arguments every kernel takes for batch element b (numpy views)."""
-        return self.offset[b].numpy(), self.mask[b].numpy(), self.has_mask
+    def sampling(self, image) -> tuple:
+        """The arguments every kernel takes after its first: offsets, mask and their geometry."""
+        _, off, msk = image
+        return off.numpy(), msk.numpy(), self.mask is not None
 
-    def geometry(self):
+    def geometry(self) -> tuple:
         return self.Wo, self.kh, self.kw, self.c_per_g, self.conv
 
-    def columns(self, col, b, l0, n):
-        """Fill col[:n] ([tile, groups, kk*c_per_g]) with the modulated samples of positions l0 .. l0 + n of
-        batch element b."""
+    def columns(self, image, col, l0: int, n: int) -> torch.Tensor:
+        """col[:n] ([tile, groups, kk*c_per_g]) filled with the modulated samples of positions l0 .. l0+n,
+        in the input's dtype."""
         with launch():
-            _sample_columns(self.xpad[b].numpy(), *self.kernel_args(b), l0, n, col.view(col.shape[0], -1).numpy(),
+            _sample_columns(image[0].numpy(), *self.sampling(image), l0, n, col.view(col.shape[0], -1).numpy(),
                             *self.geometry())
+        return col[:n].to(self.input.dtype)
 
-    def weight_by_group(self, weight):
+    def weight_by_group(self, weight: torch.Tensor) -> torch.Tensor:
         """weight [Cout, c_per_g, kh, kw] -> [groups, Cout/groups, kk*c_per_g] in the column order (k, c)."""
         w = weight.reshape(self.groups, self.cout_per_g, self.c_per_g, self.kk).permute(0, 1, 3, 2)
-        return w.reshape(self.groups, self.cout_per_g, self.kk * self.c_per_g)
+        return w.reshape(self.groups, self.cout_per_g, self.width)
 
 
 @torch.library.custom_op("amsa::cpu_deform_conv2d_fwd", mutates_args=(), device_types="cpu")
@@ -229,12 +245,13 @@ def cpu_deform_conv2d_fwd(
     B, Cout, g_out = input.shape[0], weight.shape[0], pr.cout_per_g
     out = alloc((B, Cout, pr.L), input.dtype, input.device)
     wg = pr.weight_by_group(weight)
-    col = alloc((pr.tile, pr.groups, pr.kk * pr.c_per_g), pr.calc, input.device)
-    for b, l0, n in pr.tiles():
-        pr.columns(col, b, l0, n)
-        cols = col[:n].to(input.dtype)
-        for gr in range(pr.groups):
-            torch.mm(wg[gr], cols[:, gr].T, out=out[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n])
+    col = alloc((pr.tile, pr.groups, pr.width), pr.calc, input.device)
+    for b in range(B):
+        image = pr.image(b)
+        for l0, n in pr.tiles():
+            cols = pr.columns(image, col, l0, n)
+            for gr in range(pr.groups):
+                torch.mm(wg[gr], cols[:, gr].T, out=out[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n])
     if bias is not None:
         out += bias[:, None]
     return out.view(B, Cout, pr.Ho, pr.Wo)
@@ -255,45 +272,49 @@ def cpu_deform_conv2d_bwd(
     requested (``need_*`` False, or grad_mask without a mask) come back as empty tensors."""
     pr = _Problem(input, offset, mask, weight, (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w))
     B, C, H, W = input.shape
-    g_out, width = pr.cout_per_g, pr.kk * pr.c_per_g
-    dev = input.device
+    g_out, dev, calc = pr.cout_per_g, input.device, pr.calc
+    need_mask = need_offset_mask and mask is not None
     go = grad_out.reshape(B, -1, pr.L)
     wg = pr.weight_by_group(weight)
-    # Distinct empty tensors: outputs of a custom op must not alias each other.
-    grad_input, grad_offset, grad_mask, grad_weight = (input.new_empty((0,)) for _ in range(4))
-    gxpad = torch.zeros_like(pr.xpad) if need_input else None
-    goff = alloc(tuple(pr.offset.shape), pr.calc, dev) if need_offset_mask else None
-    gmask = alloc(tuple(pr.mask.shape), pr.calc, dev) if need_offset_mask and pr.has_mask else goff
-    gw = torch.zeros(pr.groups, g_out, width, dtype=pr.calc, device=dev) if need_weight else None
-    gcol = alloc((pr.tile, pr.groups, width), pr.calc, dev)
-    col = alloc((pr.tile, pr.groups, width), pr.calc, dev) if need_weight else None
+    empty = lambda: input.new_empty((0,))  # distinct empty tensors: a custom op's outputs must not alias
+    grad_input = alloc(tuple(input.shape), input.dtype, dev) if need_input else empty()
+    grad_offset = alloc(tuple(offset.shape), offset.dtype, dev) if need_offset_mask else empty()
+    grad_mask = alloc(tuple(mask.shape), mask.dtype, dev) if need_mask else empty()
+    gw = torch.zeros(pr.groups, g_out, pr.width, dtype=calc, device=dev) if need_weight else None
+    gcol = alloc((pr.tile, pr.groups, pr.width), calc, dev)
+    col = alloc((pr.tile, pr.groups, pr.width), calc, dev) if need_weight else None
     block = max(8, -(-C // torch.get_num_threads()))  # channels per thread of the input-gradient scatter
-    for b, l0, n in pr.tiles():
-        if need_input or need_offset_mask:
-            for gr in range(pr.groups):  # the column gradient of this tile: W^T grad_out
-                gcol[:n, gr] = (go[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n].T @ wg[gr]).to(pr.calc)
-            args = (gcol[:n].reshape(n, -1).numpy(), l0, n)
-            with launch():
-                if need_offset_mask:
-                    _offset_mask_grads(pr.xpad[b].numpy(), *pr.kernel_args(b), *args, goff[b].numpy(),
-                                       gmask[b].numpy(), *pr.geometry())
-                if need_input:
-                    _input_grad(gxpad[b].numpy(), *pr.kernel_args(b), *args, block, *pr.geometry())
-        if need_weight:
-            pr.columns(col, b, l0, n)
-            cols = col[:n].to(input.dtype)
-            for gr in range(pr.groups):
-                gw[gr] += (go[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n] @ cols[:, gr]).to(pr.calc)
-    if need_input:
-        grad_input = gxpad[:, 1 : H + 1, 1 : W + 1].permute(0, 3, 1, 2).to(input.dtype).contiguous()
-    if need_offset_mask:
-        grad_offset = goff.view(offset.shape).to(offset.dtype)
-        if pr.has_mask:
-            grad_mask = gmask.view(mask.shape).to(mask.dtype)
+    for b in range(B):
+        image = pr.image(b)
+        gxpad = torch.zeros_like(image[0]) if need_input else None
+        goff = alloc((pr.L, offset.shape[1]), calc, dev) if need_offset_mask else None
+        gmsk = alloc((pr.L, mask.shape[1]), calc, dev) if need_mask else goff
+        for l0, n in pr.tiles():
+            g_b = go[b, :, l0 : l0 + n]
+            if need_input or need_offset_mask:
+                for gr in range(pr.groups):  # the column gradient of this tile: W^T grad_out
+                    gcol[:n, gr] = (g_b[gr * g_out : (gr + 1) * g_out].T @ wg[gr]).to(calc)
+                args = (*pr.sampling(image), gcol[:n].view(n, -1).numpy(), l0, n)
+                with launch():
+                    if need_offset_mask:
+                        _offset_mask_grads(image[0].numpy(), *args, goff.numpy(), gmsk.numpy(), *pr.geometry())
+                    if need_input:
+                        _input_grad(gxpad.numpy(), *args, block, *pr.geometry())
+            if need_weight:
+                cols = pr.columns(image, col, l0, n)
+                for gr in range(pr.groups):
+                    gw[gr] += (g_b[gr * g_out : (gr + 1) * g_out] @ cols[:, gr]).to(calc)
+        if need_input:
+            grad_input[b] = gxpad[1 : H + 1, 1 : W + 1].permute(2, 0, 1)
+        if need_offset_mask:
+            grad_offset[b] = goff.T.reshape(offset.shape[1:])
+        if need_mask:
+            grad_mask[b] = gmsk.T.reshape(mask.shape[1:])
+    grad_weight = empty()
     if need_weight:
-        w = gw.view(pr.groups, g_out, pr.kk, pr.c_per_g).permute(0, 1, 3, 2)
-        grad_weight = w.reshape(weight.shape).to(weight.dtype)
-    grad_bias = grad_out.sum((0, 2, 3), dtype=pr.calc).to(grad_out.dtype)
+        grad_weight = gw.view(pr.groups, g_out, pr.kk, pr.c_per_g).permute(0, 1, 3, 2).reshape(weight.shape)
+        grad_weight = grad_weight.to(weight.dtype)
+    grad_bias = grad_out.sum((0, 2, 3), dtype=calc).to(grad_out.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
