@@ -313,7 +313,7 @@ def cpu_deform_conv2d_bwd(
     grad_weight = empty()
     if need_weight:
         grad_weight = gw.view(pr.groups, g_out, pr.kk, pr.c_per_g).permute(0, 1, 3, 2).reshape(weight.shape)
-        grad_weight = grad_weight.to(weight.dtype)
+        grad_weight = grad_weight.to(weight.dtype, memory_format=torch.contiguous_format)
     grad_bias = grad_out.sum((0, 2, 3), dtype=calc).to(grad_out.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
