@@ -41,8 +41,8 @@ TILE_ELEMENTS = 1 << 21
 
 
 @helper
-def _corners(xpad, offset, mask, has_mask, ch, l, ho, wo, ki, kj, conv):
-    """Sample point of offset/mask channel ``ch`` (tap (ki, kj)) at flat output position l = (ho, wo).
+def _corners(xpad, offset, mask, has_mask, ch, q, ho, wo, ki, kj, conv):
+    """Sample point of offset/mask channel ``ch`` (tap (ki, kj)) at flat output position q = (ho, wo).
 
     Returns (inside, a00, a01, a10, a11, ly, lx, m, at): whether it samples anything, the four bilinear
     weights (unmodulated), the fractional parts, the modulation m, and the element of its top-left corner
@@ -50,9 +50,9 @@ def _corners(xpad, offset, mask, has_mask, ch, l, ho, wo, ki, kj, conv):
     sh, sw, ph, pw, dh, dw = conv
     H, W, C = xpad.shape[0] - 2, xpad.shape[1] - 2, xpad.shape[2]
     T = xpad.dtype.type
-    h = T(ho * sh - ph + ki * dh) + offset[l, 2 * ch]
-    w = T(wo * sw - pw + kj * dw) + offset[l, 2 * ch + 1]
-    m = mask[l, ch] if has_mask else T(1)
+    h = T(ho * sh - ph + ki * dh) + offset[q, 2 * ch]
+    w = T(wo * sw - pw + kj * dw) + offset[q, 2 * ch + 1]
+    m = mask[q, ch] if has_mask else T(1)
     inside = h >= -1 and h < H and w >= -1 and w < W  # False for NaN points too
     if not inside:
         h, w = T(0), T(0)
@@ -90,14 +90,14 @@ def _sample_columns(xpad, offset, mask, has_mask, l0, n, col, Wo, kh, kw, c_per_
     c_og = C // G
     x, row_step = xpad.reshape(-1), xpad.shape[1] * C
     for p in prange(n):
-        l = l0 + p
+        q = l0 + p
         for og in range(G):
             lo, hi = og * c_og, (og + 1) * c_og
             for ki in range(kh):
                 for kj in range(kw):
                     k = ki * kw + kj
                     inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                        xpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, ki, kj, conv)
+                        xpad, offset, mask, has_mask, og * kk + k, q, q // Wo, q % Wo, ki, kj, conv)
                     for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
                         c, cn, j = _segment(lo, hi, gr, k, kk, c_per_g)
                         dst = col[p, j : j + cn]
@@ -114,8 +114,8 @@ def _offset_mask_grads(xpad, offset, mask, has_mask, gcol, l0, n, goff, gmask, W
     """grad_offset [L, 2*G*kk] and grad_mask [L, G*kk] at the n positions l0 + p from the column gradient
     gcol [n, groups*kk*c_per_g] (layout of :func:`_sample_columns`), in parallel over positions:
 
-        grad_mask[l, ch]       = sum_{c in og} gcol * v           (v: the unmodulated bilinear sample)
-        grad_offset[l, 2*ch]   = m * sum_{c in og} gcol * dv/dh   (2*ch + 1: dv/dw)
+        grad_mask[q, ch]       = sum_{c in og} gcol * v           (v: the unmodulated bilinear sample)
+        grad_offset[q, 2*ch]   = m * sum_{c in og} gcol * dv/dh   (2*ch + 1: dv/dw)
     """
     C = xpad.shape[2]
     kk = kh * kw
@@ -124,7 +124,7 @@ def _offset_mask_grads(xpad, offset, mask, has_mask, gcol, l0, n, goff, gmask, W
     x, row_step = xpad.reshape(-1), xpad.shape[1] * C
     one = x.dtype.type(1)
     for p in prange(n):
-        l = l0 + p
+        q = l0 + p
         for og in range(G):
             lo, hi = og * c_og, (og + 1) * c_og
             for ki in range(kh):
@@ -132,7 +132,7 @@ def _offset_mask_grads(xpad, offset, mask, has_mask, gcol, l0, n, goff, gmask, W
                     k = ki * kw + kj
                     ch = og * kk + k
                     inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                        xpad, offset, mask, has_mask, ch, l, l // Wo, l % Wo, ki, kj, conv)
+                        xpad, offset, mask, has_mask, ch, q, q // Wo, q % Wo, ki, kj, conv)
                     g_v = g_h = g_w = x.dtype.type(0)
                     for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
                         if not inside:
@@ -144,10 +144,10 @@ def _offset_mask_grads(xpad, offset, mask, has_mask, gcol, l0, n, goff, gmask, W
                             g_v += g[i] * (a00 * v00[i] + a01 * v01[i] + a10 * v10[i] + a11 * v11[i])
                             g_h += g[i] * ((one - lx) * (v10[i] - v00[i]) + lx * (v11[i] - v01[i]))
                             g_w += g[i] * ((one - ly) * (v01[i] - v00[i]) + ly * (v11[i] - v10[i]))
-                    goff[l, 2 * ch] = m * g_h
-                    goff[l, 2 * ch + 1] = m * g_w
+                    goff[q, 2 * ch] = m * g_h
+                    goff[q, 2 * ch + 1] = m * g_w
                     if has_mask:
-                        gmask[l, ch] = g_v
+                        gmask[q, ch] = g_v
 
 
 @kernel
@@ -163,14 +163,14 @@ def _input_grad(gxpad, offset, mask, has_mask, gcol, l0, n, block, Wo, kh, kw, c
     for blk in prange((C + block - 1) // block):
         b_lo, b_hi = blk * block, min(C, (blk + 1) * block)
         for p in range(n):
-            l = l0 + p
+            q = l0 + p
             for og in range(b_lo // c_og, (b_hi - 1) // c_og + 1):
                 lo, hi = max(b_lo, og * c_og), min(b_hi, (og + 1) * c_og)
                 for ki in range(kh):
                     for kj in range(kw):
                         k = ki * kw + kj
                         inside, a00, a01, a10, a11, ly, lx, m, at = _corners(
-                            gxpad, offset, mask, has_mask, og * kk + k, l, l // Wo, l % Wo, ki, kj, conv)
+                            gxpad, offset, mask, has_mask, og * kk + k, q, q // Wo, q % Wo, ki, kj, conv)
                         if not inside:
                             continue
                         for gr in range(lo // c_per_g, (hi - 1) // c_per_g + 1):
@@ -225,8 +225,8 @@ class _Problem:
         """col[:n] ([tile, groups, kk*c_per_g]) filled with the modulated samples of positions l0 .. l0+n,
         in the input's dtype."""
         with launch():
-            _sample_columns(image[0].numpy(), *self.sampling(image), l0, n, col.view(col.shape[0], -1).numpy(),
-                            *self.geometry())
+            _sample_columns(image[0].numpy(), *self.sampling(image), l0, n,
+                            col.view(col.shape[0], -1).numpy(), *self.geometry())
         return col[:n].to(self.input.dtype)
 
     def weight_by_group(self, weight: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,8 @@ def cpu_deform_conv2d_bwd(
                 args = (*pr.sampling(image), gcol[:n].view(n, -1).numpy(), l0, n)
                 with launch():
                     if need_offset_mask:
-                        _offset_mask_grads(image[0].numpy(), *args, goff.numpy(), gmsk.numpy(), *pr.geometry())
+                        _offset_mask_grads(image[0].numpy(), *args, goff.numpy(), gmsk.numpy(),
+                                           *pr.geometry())
                     if need_input:
                         _input_grad(gxpad.numpy(), *args, block, *pr.geometry())
             if need_weight:

@@ -134,7 +134,8 @@ def _patchmatch_step(query, qnorm, ref, rnorm, ref_meta, pos_in, score_in, pos_o
                 if inside[n]:
                     cy[n], cx[n] = pos_in[r, b, uy, ux, 0], pos_in[r, b, uy, ux, 1]
                     if offset_corrected:
-                        cy[n], cx[n] = min(max(cy[n] - dy * k, 0), Hr - 1), min(max(cx[n] - dx * k, 0), Wr - 1)
+                        cy[n] = min(max(cy[n] - dy * k, 0), Hr - 1)
+                        cx[n] = min(max(cx[n] - dx * k, 0), Wr - 1)
                 at[n] = r_base + (cy[n] * (Wr + 2) + cx[n]) * C
             dots = _dots8(flat, q_at, q_row, ref, at, r_row, run)
             for n in range(8):

@@ -33,8 +33,8 @@ class CPULevel:
         self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
         first = [sum(p.numel() for p in padded[:i]) for i in range(len(refs))]
         first_norm = [sum(r.shape[0] * r.shape[2] * r.shape[3] for r in refs[:i]) for i in range(len(refs))]
-        self.ref_meta = torch.tensor([[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_norm, refs)],
-                                     dtype=torch.int64)
+        meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_norm, refs)]
+        self.ref_meta = torch.tensor(meta, dtype=torch.int64)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for positions [R, B, hq, wq, 2] -> scores [R, B, hq, wq]."""

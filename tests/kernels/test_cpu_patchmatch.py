@@ -41,7 +41,8 @@ def test_numba_paper_schedule_several_references_one_call():
     """The whole 1-1-2-6 schedule (dilations up to 2 on the finest level) on smooth features, three
     references of different sizes matched in one call per step, batch 2."""
     q = smooth_features(2, 4, 35, 33, seed=1)
-    refs = [smooth_features(2, 4, h, w, seed=2 + i) for i, (h, w) in enumerate([(35, 33), (29, 26), (37, 24)])]
+    sizes = [(35, 33), (29, 26), (37, 24)]
+    refs = [smooth_features(2, 4, h, w, seed=2 + i) for i, (h, w) in enumerate(sizes)]
     ts = amsa.cfe_patchmatch(q, refs, backend="torch", seed=3)
     ks = amsa.cfe_patchmatch(q, refs, backend="numba", seed=3)
     for t, k, r in zip(ts, ks, refs):

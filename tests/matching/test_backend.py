@@ -28,7 +28,7 @@ def test_auto_picks_triton_on_cuda_numba_on_cpu_and_torch_for_float64():
 def test_explicit_triton_errors():
     with pytest.raises(TypeError, match="op: backend='triton' takes float32, float16 or bfloat16"):
         choose_backend("triton", CUDA, torch.float64, "op")
-    with pytest.raises(ValueError, match="op: backend must be 'auto', 'torch', 'triton' or 'numba', got 'cuda'"):
+    with pytest.raises(ValueError, match="op: backend must be 'auto', 'torch', 'triton' or 'numba', got 'cu"):
         choose_backend("cuda", CPU, torch.float32, "op")
 
 
@@ -42,13 +42,13 @@ def test_explicit_numba_errors():
 def test_without_numba_auto_falls_back_with_one_warning_and_explicit_numba_raises(monkeypatch):
     monkeypatch.setattr(backends, "_cpu", "ImportError: No module named 'numba'")
     monkeypatch.setattr(backends, "_warned_fallback", False)
-    with pytest.warns(RuntimeWarning, match="numba cannot be imported .*No module named 'numba'.*PyTorch path"):
+    with pytest.warns(RuntimeWarning, match="numba cannot be imported .*No module named 'numba'.*PyTorch"):
         assert choose_backend("auto", CPU, torch.float32, "op") == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only one warning per process
         assert choose_backend("auto", CPU, torch.float16, "op") == "torch"
         assert choose_backend("auto", CPU, torch.float64, "op") == "torch"
-    with pytest.raises(RuntimeError, match="op: backend='numba' but numba cannot be imported .*No module named"):
+    with pytest.raises(RuntimeError, match="op: backend='numba' but numba cannot be imported .*No module"):
         choose_backend("numba", CPU, torch.float32, "op")
 
 
@@ -80,7 +80,8 @@ def test_without_numba_installed_everything_runs_on_the_pytorch_path():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "1 True", proc.stdout
-    assert "cfe_patchmatch: backend='numba' but numba cannot be imported (ModuleNotFoundError: import of numba" in lines[1]
+    want = "cfe_patchmatch: backend='numba' but numba cannot be imported (ModuleNotFoundError: import of"
+    assert want in lines[1]
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
