@@ -35,9 +35,9 @@ from kernels._outputs import alloc
 
 __all__ = ["cpu_deform_conv2d_bwd", "cpu_deform_conv2d_fwd"]
 
-#: Elements of a column tile (8 MB in fp32): large enough for efficient GEMMs, small enough for the cache
+#: Elements of a column tile (4 MB in fp32): large enough for efficient GEMMs, small enough for the cache
 #: hierarchy and a peak memory far below the column tensor.
-TILE_ELEMENTS = 1 << 21
+TILE_ELEMENTS = 1 << 20
 
 
 @helper
@@ -235,6 +235,17 @@ class _Problem:
         return w.reshape(self.groups, self.cout_per_g, self.width)
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (accumulate: out += a @ b) in place, without a temporary where the dtypes agree (fp16/bf16
+    products are widened into fp32 buffers)."""
+    if out.dtype != a.dtype:
+        out.add_(a @ b) if accumulate else out.copy_(a @ b)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
 @torch.library.custom_op("amsa::cpu_deform_conv2d_fwd", mutates_args=(), device_types="cpu")
 def cpu_deform_conv2d_fwd(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
@@ -251,7 +262,7 @@ def cpu_deform_conv2d_fwd(
         for l0, n in pr.tiles():
             cols = pr.columns(image, col, l0, n)
             for gr in range(pr.groups):
-                torch.mm(wg[gr], cols[:, gr].T, out=out[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n])
+                _mm_into(out[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n], wg[gr], cols[:, gr].T)
     if bias is not None:
         out += bias[:, None]
     return out.view(B, Cout, pr.Ho, pr.Wo)
@@ -293,7 +304,7 @@ def cpu_deform_conv2d_bwd(
             g_b = go[b, :, l0 : l0 + n]
             if need_input or need_offset_mask:
                 for gr in range(pr.groups):  # the column gradient of this tile: W^T grad_out
-                    gcol[:n, gr] = (g_b[gr * g_out : (gr + 1) * g_out].T @ wg[gr]).to(calc)
+                    _mm_into(gcol[:n, gr], g_b[gr * g_out : (gr + 1) * g_out].T, wg[gr])
                 args = (*pr.sampling(image), gcol[:n].view(n, -1).numpy(), l0, n)
                 with launch():
                     if need_offset_mask:
@@ -304,7 +315,7 @@ def cpu_deform_conv2d_bwd(
             if need_weight:
                 cols = pr.columns(image, col, l0, n)
                 for gr in range(pr.groups):
-                    gw[gr] += (g_b[gr * g_out : (gr + 1) * g_out] @ cols[:, gr]).to(calc)
+                    _mm_into(gw[gr], g_b[gr * g_out : (gr + 1) * g_out], cols[:, gr], accumulate=True)
         if need_input:
             grad_input[b] = gxpad[1 : H + 1, 1 : W + 1].permute(2, 0, 1)
         if need_offset_mask:
