@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
     parser.add_argument("--providers", default="", help="comma-separated subset (default: all available)")
-    parser.add_argument("--batches", default="", help="comma-separated batch sizes of the shapes (default: all)")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: all)")
     parser.add_argument("--csv", default=str(RESULTS_CSV))
     args = parser.parse_args(argv)
 
