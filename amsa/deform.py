@@ -4,9 +4,10 @@ Eq. 6 and Eq. 8 sample the reference features V bilinearly at ``p + p0 + p_j (+ 
 samples with the kernel weights w_j: a modulated deformable convolution (DCNv2). This module holds
 
 * :func:`deform_conv2d`: a drop-in for ``torchvision.ops.deform_conv2d`` (same signature, semantics and
-  layouts) that runs the Triton kernels of ``kernels/deform_conv.py`` on CUDA tensors and the vectorised
-  PyTorch implementation :func:`deform_conv2d_torch` on CPU tensors (``backend=``: :mod:`amsa.backends`);
-* :func:`deform_conv2d_torch`: the PyTorch implementation (CPU path and reference for the kernels;
+  layouts) that runs the Triton kernels of ``kernels/deform_conv.py`` on CUDA tensors and the numba kernels
+  of ``kernels/cpu_deform.py`` on CPU tensors (``backend=``: :mod:`amsa.backends`; float64 and a missing
+  numba take :func:`deform_conv2d_torch`);
+* :func:`deform_conv2d_torch`: the vectorised PyTorch implementation (the reference of both kernels;
   differentiable through PyTorch's autograd);
 * :class:`ModulatedDeformConv2d`: an ``nn.Module`` holding weight and bias, taking offset and mask.
 """
@@ -24,7 +25,7 @@ from amsa.backends import choose_backend
 
 __all__ = ["ModulatedDeformConv2d", "deform_conv2d", "deform_conv2d_torch"]
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "numba", "torch"]
 IntPair = int | tuple[int, int]
 
 
@@ -125,8 +126,9 @@ def deform_conv2d(
         bias: [Cout] or None.
         stride, padding, dilation: int or (h, w).
         mask: [B, G*kh*kw, Ho, Wo] modulation, or None (all ones).
-        backend: "auto" (Triton for CUDA tensors of dtype fp32/fp16/bf16, PyTorch otherwise), "triton"
-            (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "torch".
+        backend: "auto" (Triton for CUDA tensors, the numba kernels for CPU tensors, each for fp32/fp16/
+            bf16; PyTorch otherwise), "triton" (CUDA, or CPU under TRITON_INTERPRET=1 for tests), "numba"
+            (CPU, any float dtype) or "torch".
 
     Under ``torch.autocast`` all tensors are cast to the autocast dtype.
 
@@ -141,10 +143,15 @@ def deform_conv2d(
         cast = lambda t: None if t is None else t.to(dt)
         input, offset, weight, bias, mask = (cast(t) for t in (input, offset, weight, bias, mask))
     _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    if choose_backend(backend, input.device, input.dtype, "deform_conv2d") == "triton" and input.shape[0] > 0:
+    chosen = choose_backend(backend, input.device, input.dtype, "deform_conv2d")
+    if chosen == "triton" and input.shape[0] > 0:
         from kernels.deform_conv import deform_conv2d_fwd  # imported lazily: triton is only needed here
 
         return deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
+    if chosen == "numba":
+        from kernels.cpu_deform import cpu_deform_conv2d_fwd  # imported lazily: numba is only needed here
+
+        return cpu_deform_conv2d_fwd(input, offset, mask, weight, bias, *stride, *padding, *dilation)
     return deform_conv2d_torch(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -194,7 +201,7 @@ def deform_conv2d_torch(
     dilation: IntPair = 1,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vectorised PyTorch modulated deformable convolution (CPU path; reference for the kernels).
+    """Vectorised PyTorch modulated deformable convolution (the reference of the kernels; float64 on CPU).
 
     Same arguments as :func:`deform_conv2d`, no validation. Sampling is done in fp32 for fp16/bf16 inputs
     (fp64 for fp64); the modulated columns are then rounded to the input dtype and multiplied with the

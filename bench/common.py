@@ -7,12 +7,18 @@ time budget (do_bench would first spend 5 calls estimating). CPU: repeated wall-
 warm-up, as many as ``budget_s`` allows (at least one).
 
 Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before
-it (the call's extra memory). CPU: not measured (left empty; the CPU allocator has no such counter).
+it (the call's extra memory). CPU (``memory=True``, Linux): the peak resident set size during one extra
+call after the warm-up, minus the resident size before it (``/proc/self/status`` VmHWM, reset through
+``/proc/self/clear_refs``; freed heap memory is first returned to the system with glibc's
+``malloc_trim``, so memory the allocator kept from earlier calls counts again when it is touched). It
+counts every allocation of the process (PyTorch, numba, BLAS workspaces), not only the tensors'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import datetime
 import platform
 import statistics
@@ -46,7 +52,7 @@ class Timing:
     p50_ms: float
     p20_ms: float
     p80_ms: float
-    peak_mem_mb: float | None  # extra memory of one call (CUDA), None on CPU
+    peak_mem_mb: float | None  # extra memory of one call (CUDA; CPU when asked), else None
     result: Any  # what the warm-up call returned (for quality checks)
 
     def fields(self) -> dict[str, str]:
@@ -62,8 +68,32 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[3]
 
 
-def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s: float = 10.0) -> Timing:
-    """Time ``fn()``: median and 20/80 % quantiles in ms, peak extra memory, and the warm-up's result."""
+def _resident_mb() -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of this process in MB."""
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmRSS", "VmHWM")}
+
+
+def cpu_peak_extra_mb(fn: Callable[[], Any]) -> float | None:
+    """Peak extra resident memory (MB) of one call of ``fn`` (module docstring); None where the kernel's
+    counters are not available (not Linux)."""
+    try:
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        before = _resident_mb()["VmRSS"]
+    except (OSError, KeyError):
+        return None
+    fn()
+    return _resident_mb()["VmHWM"] - before
+
+
+def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s: float = 10.0,
+            memory: bool = False) -> Timing:
+    """Time ``fn()``: median and 20/80 % quantiles in ms, peak extra memory (CUDA always; CPU with
+    ``memory``: one more call), and the warm-up's result."""
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -72,6 +102,8 @@ def measure(fn: Callable[[], Any], device: str, *, quick: bool = False, budget_s
     result, first_s = timed(fn, device)  # warm-up: compiles kernels, fills caches
     first_ms = first_s * 1e3
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    if memory and not cuda:
+        peak = cpu_peak_extra_mb(fn)
     reps = 3 if quick else 10
     if cuda and first_ms < DO_BENCH_MAX_MS:
         import triton.testing

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from amsa import AMSA
+from amsa.backends import choose_backend
 from amsa.timing import stage_times, timed
 from bench.common import RESULTS_CSV, append_rows, environment
 
@@ -56,6 +57,7 @@ def run(device: str, quick: bool, log=print) -> list[dict]:
         kw = QUICK_MODEL if quick else {}
         model = AMSA(**kw).to(device).eval()
     rows = []
+    backend = choose_backend(model.backend, torch.device(device), torch.float32, "bench.model")
     g = torch.Generator().manual_seed(0)
     shapes = QUICK_SHAPES if quick else FULL_SHAPES if device == "cuda" else CPU_SHAPES
     for lr_size, ref_size, batch in shapes:
@@ -75,7 +77,8 @@ def run(device: str, quick: bool, log=print) -> list[dict]:
             rows.append({"bench": "model", "impl": "amsa.AMSA", "mode": stage.removeprefix("amsa."),
                          "dtype": "float32", "batch": batch, "channels": kw.get("ngf", 64), "height": lr_size,
                          "width": lr_size, "refs": model.ref_scales, "iters": "-".join(map(str, model.iters)),
-                         "status": "ok", "note": f"reference {ref_size}x{ref_size}; median of reps",
+                         "status": "ok",
+                         "note": f"reference {ref_size}x{ref_size}; {backend} backend; median of reps",
                          "p50_ms": f"{ms:.3f}"})
     return rows
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import amsa
-from amsa.backends import triton_unavailable
+from amsa.backends import numba_unavailable, triton_unavailable
 from bench import baselines
 from bench.common import RESULTS_CSV, append_rows, environment, measure
 from bench.flops import enumerated_flops, official_patchmatch_flops, patchmatch_flops, ref_sizes
@@ -112,6 +112,8 @@ def matchers(device: str, offset_corrected: bool = False) -> dict[str, Matcher]:
                 kind, exact_scores=False)
     if triton_unavailable(torch.device(device), torch.float32) is None:
         found["cfe_patchmatch/triton"] = Matcher(cfe("triton"), _pm_flops, "pm_triton")
+    if numba_unavailable(torch.device(device), torch.float32) is None:
+        found["cfe_patchmatch/numba"] = Matcher(cfe("numba"), _pm_flops, "pm_numba")
     return found
 
 
@@ -121,7 +123,7 @@ PLANNING_RATES = {
     "cuda": {"gemm_fp32": 20e12, "conv_fp32": 10e12, "gemm_bf16": 100e12, "gemm_tf32": 50e12,
              "pm_triton": 2e12, "pm_torch": 0.3e12, "pm_official": 0.2e12},
     "cpu": {"gemm_fp32": 60e9, "conv_fp32": 30e9, "gemm_bf16": 60e9, "gemm_tf32": 60e9,
-            "pm_triton": 0.5e6, "pm_torch": 2e9, "pm_official": 2e9},  # pm_triton: the interpreter
+            "pm_triton": 0.5e6, "pm_torch": 2e9, "pm_official": 2e9, "pm_numba": 10e9},  # triton: interpreter
 }
 
 

@@ -1,5 +1,6 @@
 """The whole benchmark suite in one command: matchers over the size sweep, one propagation step, the
-deformable op and the AMSA model's time split; every row appended to ``bench/results/results.csv``.
+deformable op, the AMSA model's time split and (CPU) the kernels' first-call JIT cost; every row appended
+to ``bench/results/results.csv``.
 
     python -m bench.suite --quick        # CPU smoke run, well under a minute (CI)
     python -m bench.suite                # on an H200: the full sweep within --time-budget-s (8 min)
@@ -29,7 +30,7 @@ CHANNELS = (256, 64)
 REFS = (1, 5)
 BATCHES = (1, 9)
 QUICK_SIZES, QUICK_CHANNELS, QUICK_REFS, QUICK_BATCHES = (24, 32), (8,), (1, 2), (1, 2)
-SECTIONS = ("matching", "step", "deform_conv", "model")
+SECTIONS = ("matching", "step", "deform_conv", "model", "jit")
 PAPER_ITERS = (1, 1, 2, 6)
 
 
@@ -67,7 +68,9 @@ def run_matching(args, device: str, planner: Planner, log) -> list[dict]:
 
 def run_step(args, device: str, log) -> list[dict]:
     """One fused propagation step (8 LR + 8 Ref candidates, dilation 1) alone, at the finest level of the
-    paper's shape: the Triton op on CUDA, and the PyTorch path's step for comparison."""
+    paper's shape: the Triton op on CUDA, the numba kernel on CPU, and the PyTorch path's step for
+    comparison."""
+    from amsa.backends import numba_unavailable
     from amsa.matching.schedule import CANDIDATES_PER_STEP, evaluation_flops
     from amsa.matching.torch_backend import TorchLevels
 
@@ -80,6 +83,10 @@ def run_step(args, device: str, log) -> list[dict]:
         from amsa.matching.triton_backend import TritonLevel
 
         levels = {"patchmatch_step/triton": TritonLevel, **levels}
+    if numba_unavailable(torch.device(device), torch.float32) is None:
+        from amsa.matching.cpu_backend import CPULevel
+
+        levels = {"patchmatch_step/numba": CPULevel, **levels}
     rows = []
     for name, make in levels.items():
         level = make(q, [r])
@@ -143,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             new = run_matching(args, device, planner, print)
         elif section == "step":
             new = run_step(args, device, print)
+        elif section == "jit":
+            from bench import jit
+
+            new = jit.run() if device == "cpu" else [{"bench": "jit", "status": "skipped",
+                                                      "note": "the numba kernels run on CPU only"}]
         elif section == "deform_conv":
             dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
             new = [r for dtype in dtypes for r in deform_conv.run(device, q, dtype, list(deform_conv.MODES))]

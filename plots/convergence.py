@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import amsa
+from amsa.backends import BACKENDS
 from amsa.demo.convergence import CURVE_KEYS, convergence_curve, value_at
 from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated (default 0,1,2; --quick: 0,1)")
     ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("HR", "REF"),
                     help="also run on this pair of image files (repeatable); each centre-cropped to --size")
-    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto")
     ap.add_argument("--quick", action="store_true", help="small run for CI, written to out/plots")
     ap.add_argument("--out", default=None, help="output folder (default plots/figures; --quick: out/plots)")
     args = ap.parse_args(argv)

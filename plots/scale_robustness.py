@@ -42,6 +42,7 @@ import time
 import torch
 
 import amsa
+from amsa.backends import BACKENDS
 from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
 from amsa.io import bicubic_resize, load_image, sample_photo_path
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"reference scales rho in [0.25, 4] (default {','.join(map(str, RATIOS))})")
     ap.add_argument("--seeds", type=parse_ints, default=None,
                     help="comma-separated (default 0)")
-    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto")
     ap.add_argument("--weights", default=None, help="AMSA restoration weights: adds SR PSNR (Fig. 7 proper)")
     ap.add_argument("--feature-weights", default=None, help="with --weights: matching extractor weights")
     ap.add_argument("--vgg-weights", default=None, help="with --weights: VGG19 weights")

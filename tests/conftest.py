@@ -23,6 +23,6 @@ def _seed():
 @pytest.fixture
 def poison(monkeypatch):
     """Kernel outputs start as garbage (NaN, -7): every element must be written by the kernel."""
-    from kernels import _common
+    from kernels import _outputs
 
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_outputs, "POISON_OUTPUTS", True)

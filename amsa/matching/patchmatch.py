@@ -20,10 +20,11 @@ t = 0 .. log2(sqrt(N)/8) - 1 (Fig. 3) with sqrt(N) taken as the shorter side and
 down. The rule depends only on the query size, so references of any size share one schedule (and one
 batched launch).
 
-Two backends compute the same algorithm: PyTorch (:mod:`amsa.matching.torch_backend`: chunked gathers,
-memory O(N*C)) and Triton (:mod:`amsa.matching.triton_backend`: one fused launch per step for all
-references). Positions agree between the two up to near-ties: candidates whose scores differ by a few
-ulp, where the backends' summation orders (and the compiled kernel's division) can round differently.
+Three backends compute the same algorithm: PyTorch (:mod:`amsa.matching.torch_backend`: chunked gathers,
+memory O(N*C); the reference), Triton (:mod:`amsa.matching.triton_backend`: one fused launch per step for
+all references) and numba on CPU (:mod:`amsa.matching.cpu_backend`: the same fused step). Positions agree
+between them up to near-ties: candidates whose scores differ by a few ulp, where the backends' summation
+orders (and the compiled kernel's division) can round differently.
 The schedule (levels, dilations, initialisation, passing up, FLOPs) is :mod:`amsa.matching.schedule`.
 """
 
@@ -55,6 +56,10 @@ def _level(query: torch.Tensor, refs: list[torch.Tensor], backend: str):
         from amsa.matching.triton_backend import TritonLevel  # imported lazily: triton is only needed here
 
         return TritonLevel(query, refs)
+    if backend == "numba":
+        from amsa.matching.cpu_backend import CPULevel  # imported lazily: numba is only needed here
+
+        return CPULevel(query, refs)
     return TorchLevels(query, refs)
 
 
@@ -83,7 +88,8 @@ def cfe_patchmatch(
             a list of references).
         offset_corrected: classic PatchMatch LR propagation: a neighbour u = j + k*d proposes its match
             minus k*d instead of its match as-is (paper, Eq. 5).
-        backend: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
+        backend: "auto" (Triton on CUDA, the numba kernels on CPU, PyTorch for float64), "torch", "triton"
+            or "numba" (:mod:`amsa.backends`).
         history: keep a :class:`Snapshot` per level entry and per iteration in ``Match.history``.
 
     Returns a :class:`Match` (or a list of them). No gradient flows through matching; call

@@ -1,4 +1,4 @@
-"""The PyTorch path of CFE-PatchMatch (paper Eq. 1-5): the CPU path and the reference of the kernels.
+"""The PyTorch path of CFE-PatchMatch (paper Eq. 1-5): the reference of the kernels (Triton and numba).
 
 Maps are kept zero-padded by one pixel and flattened channels-last, [B*(h+2)*(w+2), C], so a patch tap is
 a row gather and out-of-grid taps read zeros (the paper's zero padding). Candidate patches are gathered in

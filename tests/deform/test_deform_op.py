@@ -1,6 +1,6 @@
 """Modulated deformable convolution (paper Eq. 6-8), the op and its PyTorch path: against an independent
-float64 reference, gradcheck, the module, errors, autocast and torch.compile (the Triton kernels are
-tested in tests/kernels/test_deform_conv_kernels.py)."""
+float64 reference, gradcheck (also of the CPU kernels), the module, errors, autocast and torch.compile
+(the kernels are tested in tests/kernels/test_deform_conv_kernels.py and test_cpu_deform.py)."""
 
 import pytest
 import torch
@@ -31,8 +31,9 @@ def test_torch_path_matches_reference(case):
         assert_close(got[n], ref[n], torch.float64, reduction(t), n)
 
 
+@pytest.mark.parametrize("backend", ["auto", "numba"])  # auto: the PyTorch path for float64
 @pytest.mark.parametrize("case", ["3x3", "2x3_stride_dil", "groups_straddle", "offset_groups_nomask"])
-def test_gradcheck_float64(case):
+def test_gradcheck_float64(case, backend):
     t, conv = make_problem(case)
     names = [n for n in NAMES if t[n] is not None]
     inputs = tuple(t[n].clone().requires_grad_() for n in names)
@@ -41,7 +42,7 @@ def test_gradcheck_float64(case):
         a = dict(zip(names, args, strict=True))
         return deform_conv2d(
             a["input"], a["offset"], a["weight"], a.get("bias"), conv["stride"], conv["padding"],
-            conv["dilation"], a.get("mask"),
+            conv["dilation"], a.get("mask"), backend=backend,
         )
 
     # fast_mode checks random projections of the Jacobian: seconds instead of minutes per case.
