@@ -6,8 +6,8 @@ Commands:
     eval    PSNR / SSIM (Y channel) on CUFED5 (per reference level) or a folder (see :mod:`amsa.evaluation`).
     sr      super-resolve one LR image with one or more references.
 
-Handlers import what they need when they run, so ``--help`` and the demo's interpreter switch (which must
-come before triton is first imported) stay cheap.
+Handlers import what they need when they run, so the demo's interpreter switch can still come before
+triton is first imported.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from amsa.backends import BACKENDS
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -44,10 +46,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="small run (96x96) for tests and CI")
     demo.add_argument(
         "--backend",
-        choices=("auto", "torch", "triton"),
+        choices=BACKENDS,
         default="auto",
-        help="matcher backend: auto = Triton on CUDA, PyTorch on CPU; triton on CPU runs the Triton "
-        "interpreter (slow)",
+        help="matcher backend: auto = Triton on CUDA, the numba kernels on CPU; torch = the PyTorch path; "
+        "triton on CPU runs the Triton interpreter (slow)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of PatchMatch's random initialisation")
 

@@ -59,7 +59,8 @@ class AMSA(nn.Module):
             no antialiasing, no clamping (the official forward). ``"antialias"``: antialiased, clamped
             bicubic everywhere (:func:`amsa.io.bicubic_resize`). Training and inference use the same.
         seed: seeds the matcher's random initialisation (deterministic inference).
-        backend: "auto" | "torch" | "triton" for matching and deformable convolutions.
+        backend: "auto" | "torch" | "triton" | "numba" for matching and deformable convolutions
+            (:mod:`amsa.backends`).
         weights: official ``restoration*.pth`` (local path or state dict) for ``net``.
         feature_weights: official ``feature_extraction.pth`` for ``matching_extractor``.
         vgg_weights: VGG19 weights for ``vgg``, torchvision format (``features.N.weight``) or official names.
