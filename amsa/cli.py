@@ -102,7 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "the official size)",
         )
         p.add_argument(
-            "--feature-weights", default=None, help="matching extractor weights (feature_extraction.pth)"
+            "--feature-weights", default=None,
+            help="matching extractor weights (feature_extraction.pth, or @learned: the one shipped with the "
+            "package; default: the run's config, else @learned)",
         )
         p.add_argument("--vgg-weights", default=None, help="VGG19 weights (torchvision or official layout)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

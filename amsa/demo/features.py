@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FilterBankExtractor", "MatchingFeatures", "down_up"]
+__all__ = ["FilterBankExtractor", "MatchingFeatures", "default_matching_features", "down_up"]
 
 # BT.601 luma and two colour-opponent axes (red-green, yellow-blue), rows act on (R, G, B).
 _COLOUR_MATRIX = (
@@ -188,7 +188,8 @@ class MatchingFeatures(nn.Module):
                  blur_ref: bool = False, pool: int = 1, normalise: bool = False):
         super().__init__()
         self.lr_branch, self.ref_branch = lr_branch, ref_branch
-        self.stride, self.name, self.blur_ref, self.pool, self.normalise = stride, name, blur_ref, pool, normalise
+        self.stride, self.name, self.blur_ref = stride, name, blur_ref
+        self.pool, self.normalise = pool, normalise
 
     @classmethod
     def learned(cls, extractor: nn.Module, name: str = "learned") -> MatchingFeatures:
@@ -207,4 +208,19 @@ class MatchingFeatures(nn.Module):
         return F.normalize(f, dim=1) if self.normalise else f
 
     def forward(self, lr_up: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._side(self.lr_branch, lr_up), self._side(self.ref_branch, down_up(ref) if self.blur_ref else ref)
+        ref = down_up(ref) if self.blur_ref else ref
+        return self._side(self.lr_branch, lr_up), self._side(self.ref_branch, ref)
+
+
+def default_matching_features() -> MatchingFeatures:
+    """The features the demo and the figure scripts use unless told otherwise: the matching extractor
+    trained in this repository and shipped with the package (``ContrasExtractorSep(weights="@learned")``,
+    stride 4), which matches held-out pairs better than the filter bank (README, "Training the matching
+    extractor"); the filter bank at full resolution where those weights are not installed."""
+    import os
+
+    from amsa.models.extractors import LEARNED, LEARNED_FEATURE_WEIGHTS, ContrasExtractorSep
+
+    if not os.path.isfile(LEARNED_FEATURE_WEIGHTS):
+        return MatchingFeatures.filter_bank(stride=1)
+    return MatchingFeatures.learned(ContrasExtractorSep(weights=LEARNED), "learned (@learned)")

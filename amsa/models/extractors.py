@@ -217,7 +217,8 @@ class ContrasExtractorSep(nn.Module):
         else:
             if isinstance(weights, str) and weights == LEARNED:
                 weights = LEARNED_FEATURE_WEIGHTS
-            load_weights(self, weights, what="contrastive extractor weights", convert=_contras_from_torchvision)
+            load_weights(self, weights, what="contrastive extractor weights",
+                         convert=_contras_from_torchvision)
         _freeze(self, requires_grad)
 
     def forward(self, lr_up: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

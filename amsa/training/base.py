@@ -129,7 +129,7 @@ class BaseTrainer:
                  f"ETA {fmt_eta(eta)}")
 
     def log_validation(self, values: dict[str, float], text: str, where: str = "") -> None:
-        """A validation line (``validation<where>: <text>``) on the console and ``values`` in ``log.jsonl``."""
+        """A validation line (``validation<where>: <text>``) on the console, ``values`` in ``log.jsonl``."""
         self.log(f"[{self.step}/{self.cfg.updates}] validation{where}: {text}")
         append_jsonl(os.path.join(self.cfg.out_dir, "log.jsonl"), {"update": self.step, **values})
 
@@ -166,8 +166,8 @@ def launch(cfg, make_trainer: Callable[[ProcessGroup], BaseTrainer], result: Cal
     )
     pg = ProcessGroup(device_kind)
     try:
-        return _run(make_trainer(pg), resume, cfg.updates if stop_after is None else min(cfg.updates, stop_after),
-                    result)
+        end = cfg.updates if stop_after is None else min(cfg.updates, stop_after)
+        return _run(make_trainer(pg), resume, end, result)
     finally:
         pg.close()
 

@@ -15,7 +15,13 @@ true cell:
   over rows (``F.kl_div(..., reduction="batchmean")``); the teacher sees the sharp input, the student its
   LR-up, both the same reference.
 
-Both are computed per pair; :func:`pair_losses` returns the terms of one pair.
+* **InfoNCE** (an option of ours, off in the official presets): the same softmax against the *true*
+  correspondences, ``-mean_i log softmax_j(a_i . b_j / T)_i``, i.e. the distillation term with a perfect
+  teacher. Unlike the hardest-negative hinge, whose value at collapse (every descriptor equal) is exactly
+  the margin, it pushes all other correspondences away at every step; from a random start (no ImageNet
+  VGG16 offline) the hinge alone collapses, so the CPU presets add it.
+
+All are computed per pair; :func:`pair_losses` returns the terms of one pair.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PairLoss", "contrastive_loss", "descriptors", "distillation_loss", "pair_losses"]
+__all__ = ["PairLoss", "contrastive_loss", "descriptors", "distillation_loss", "info_nce_loss", "pair_losses"]
 
 # Added to the distance of excluded (too close) candidates so the min never picks them (d <= 4 otherwise).
 _EXCLUDED = 10.0
@@ -81,26 +87,36 @@ def distillation_loss(student: tuple[torch.Tensor, torch.Tensor], teacher: tuple
     return F.kl_div(s, t, reduction="batchmean")
 
 
+def info_nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.15) -> torch.Tensor:
+    """``-mean_i log softmax(a b^T / T)[i, i]`` for [n, C] normalised descriptors at n correspondences."""
+    logits = a @ b.T / temperature
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
 @dataclass
 class PairLoss:
     """The loss terms of one pair: ``contrastive``, ``positive`` and ``negative`` (mean distances, for
-    the log) and ``distill`` (``None`` without a teacher)."""
+    the log), ``distill`` (``None`` without a teacher) and ``nce`` (``None`` unless asked for)."""
 
     contrastive: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
     distill: torch.Tensor | None = None
+    nce: torch.Tensor | None = None
 
 
 def pair_losses(
     student: tuple[torch.Tensor, torch.Tensor], idx1: torch.Tensor, pos2: torch.Tensor, *, margin: float,
     safe_radius: float, teacher: tuple[torch.Tensor, torch.Tensor] | None = None, temperature: float = 0.15,
+    nce: bool = False,
 ) -> PairLoss:
     """Terms of one pair from its feature maps ``(f1 [C, h1, w1], f2 [C, h2, w2])`` (the teacher's as well
-    in stage 2) and ground truth ``idx1``, ``pos2``."""
+    in stage 2) and ground truth ``idx1``, ``pos2``; ``nce`` adds the InfoNCE term."""
     f1, f2 = student
     terms = PairLoss(*contrastive_loss(f1, f2, idx1, pos2, margin=margin, safe_radius=safe_radius))
+    at = lambda f: (descriptors(f[0])[idx1], F.normalize(f[1][:, pos2[:, 0], pos2[:, 1]].T, dim=1))
     if teacher is not None:
-        at = lambda f: (descriptors(f[0])[idx1], F.normalize(f[1][:, pos2[:, 0], pos2[:, 1]].T, dim=1))
         terms.distill = distillation_loss(at(student), at(teacher), temperature)
+    if nce:
+        terms.nce = info_nce_loss(*at(student), temperature)
     return terms

@@ -57,7 +57,8 @@ def _known(name: str, lr_up: torch.Tensor, ref: torch.Tensor, ref_yx: torch.Tens
     """A pair from the reference HR pixel coordinates (y, x) of every LR-up cell centre [h, w, 2]."""
     truth = ((ref_yx - 1.5) / STRIDE).to(torch.float32)
     h2, w2 = ref.shape[-2] // STRIDE, ref.shape[-1] // STRIDE
-    inside = ((truth[..., 0] >= 1) & (truth[..., 0] <= h2 - 2) & (truth[..., 1] >= 1) & (truth[..., 1] <= w2 - 2))
+    inside = ((truth[..., 0] >= 1) & (truth[..., 0] <= h2 - 2)
+              & (truth[..., 1] >= 1) & (truth[..., 1] <= w2 - 2))
     return KnownPair(name, lr_up, ref, truth, inside)
 
 
@@ -139,7 +140,8 @@ def baselines(feature_weights: str) -> dict[str, Callable]:
         random = ContrasExtractorSep()
     shared = MatchingFeatures(random.feature_extraction_image1, random.feature_extraction_image1, 4,
                               "random, one branch on both sides", normalise=True)
-    return {"learned": MatchingFeatures.learned(learned.eval()), "filter bank": MatchingFeatures.filter_bank(),
+    return {"learned": MatchingFeatures.learned(learned.eval()),
+            "filter bank": MatchingFeatures.filter_bank(),
             "random": MatchingFeatures.learned(random.eval(), "random"), "random shared": shared.eval()}
 
 
@@ -153,8 +155,8 @@ def main_eval_extractor(config: str, feature_weights: str, *, json_path: str | N
     if not cfg.val_data:
         raise ValueError(f"eval-extractor: {config!r} has no val_data")
     pairs = homography_pairs(pair_paths(cfg.val_data), **validation_geometry(cfg.val_data))
-    print(f"{len(pairs)} held-out pairs ({', '.join(p.name for p in pairs)}); % of the LR-up cells whose true "
-          f"correspondence is inside the reference, matched within {TOLERANCE:g} cells of it")
+    print(f"{len(pairs)} held-out pairs ({', '.join(p.name for p in pairs)}); % of the LR-up cells whose "
+          f"true correspondence is inside the reference, matched within {TOLERANCE:g} cells of it")
     print(f"{'features':<34} {'exact %':>8} {'CFE 1-1-2-6 %':>14}")
     results = {}
     for name, features in baselines(feature_weights).items():

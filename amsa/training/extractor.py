@@ -52,10 +52,22 @@ WEIGHTS_NAME = "feature_extraction.pth"
 
 
 def new_extractor(weights: str | None) -> ContrasExtractorSep:
-    """A trainable extractor from ``weights`` or, without, PyTorch's default random initialisation."""
+    """A trainable extractor from ``weights`` or, without, a random start in which both branches are the
+    same (as the official start from ImageNet VGG16 makes them): Kaiming-normal convolutions (fan-in,
+    ReLU gain) with zero biases, drawn from the global generator. Two independent random branches would
+    start from unrelated features (matching them finds nothing) and the contrastive loss then collapses
+    every descriptor onto one (loss = margin)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="ContrasExtractorSep: no weights given")
-        return ContrasExtractorSep(weights=weights, requires_grad=True)
+        net = ContrasExtractorSep(weights=weights, requires_grad=True)
+    if weights is None:
+        with torch.no_grad():
+            for conv in net.feature_extraction_image1.model:
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                    nn.init.zeros_(conv.bias)
+            net.feature_extraction_image2.load_state_dict(net.feature_extraction_image1.state_dict())
+    return net
 
 
 class ExtractorTrainer(BaseTrainer):
@@ -99,11 +111,12 @@ class ExtractorTrainer(BaseTrainer):
 
     def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
         """The mean over the batch's pairs (those with at least ``min_correspondences``) of the contrastive
-        loss, plus ``distill_weight`` x distillation in stage 2."""
+        loss, plus ``distill_weight`` x distillation in stage 2 and ``nce_weight`` x InfoNCE."""
         cfg, device = self.cfg, self.device
         batch = next(self.batches)
         img_ref = batch["img_ref"].to(device, non_blocking=True)
-        student_in = batch["img_in_up" if self.teacher is not None else "img_in"].to(device, non_blocking=True)
+        side = "img_in_up" if self.teacher is not None else "img_in"
+        student_in = batch[side].to(device, non_blocking=True)
         f1, f2 = self.model(student_in, img_ref)
         t1 = t2 = None
         if self.teacher is not None:
@@ -119,10 +132,14 @@ class ExtractorTrainer(BaseTrainer):
             idx1, pos2 = idx1.to(device), pos2.to(device)
             teacher = None if t1 is None else (t1[b], t2[b])
             terms = pair_losses((f1[b], f2[b]), idx1, pos2, margin=cfg.margin, safe_radius=cfg.safe_radius,
-                                teacher=teacher, temperature=cfg.temperature)
-            loss = terms.contrastive if terms.distill is None else terms.contrastive + cfg.distill_weight * terms.distill
+                                teacher=teacher, temperature=cfg.temperature, nce=cfg.nce_weight > 0)
+            loss = terms.contrastive
+            if terms.distill is not None:
+                loss = loss + cfg.distill_weight * terms.distill
+            if terms.nce is not None:
+                loss = loss + cfg.nce_weight * terms.nce
             for key, v in (("loss", loss), ("contrastive", terms.contrastive), ("pos", terms.positive),
-                           ("neg", terms.negative), ("distill", terms.distill)):
+                           ("neg", terms.negative), ("distill", terms.distill), ("nce", terms.nce)):
                 if v is not None:
                     sums[key] = sums.get(key, 0.0) + v
             used += 1
@@ -133,7 +150,8 @@ class ExtractorTrainer(BaseTrainer):
         terms = {k: v / used for k, v in sums.items()}
         (terms["loss"] / cfg.grad_accum).backward()
         if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"train-extractor: non-finite loss at update {self.step}: {fmt_terms(terms)}")
+            raise FloatingPointError(
+                f"train-extractor: non-finite loss at update {self.step}: {fmt_terms(terms)}")
         return {k: v.detach() for k, v in terms.items()}
 
     def validate(self) -> None:

@@ -21,8 +21,8 @@ __all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dat
 STAGES = ("teacher", "student")
 # Entries a resumed run must share with its checkpoint (they change what the run computes).
 EXTRACTOR_RESUME_KEYS = ("stage", "train_data", "batch_size", "grad_accum", "seed", "margin", "safe_radius",
-                         "border", "min_correspondences", "distill_weight", "temperature", "teacher_weights",
-                         "init_weights")
+                         "border", "min_correspondences", "distill_weight", "temperature", "nce_weight",
+                         "teacher_weights", "init_weights")
 _GEOMETRY = ("corner_jitter", "scale", "max_rotation", "max_shift")
 
 
@@ -53,6 +53,8 @@ class ExtractorConfig:
         border: correspondences count only at least this many pixels inside the reference (official 10).
         min_correspondences: a pair with fewer is skipped (official 128).
         distill_weight, temperature: of the distillation term (official 15 and 0.15).
+        nce_weight: weight of the InfoNCE term (:func:`amsa.training.contrastive.info_nce_loss`, same
+            temperature; not in the official recipe, 0): a random start needs it, the hinge alone collapses.
         seed, num_workers, device, log_every, val_every, ckpt_every: as for restoration training.
     """
 
@@ -75,6 +77,7 @@ class ExtractorConfig:
     min_correspondences: int = 128
     distill_weight: float = 15.0
     temperature: float = 0.15
+    nce_weight: float = 0.0
     seed: int = 10
     num_workers: int = 4
     device: str = "auto"
@@ -91,7 +94,7 @@ class ExtractorConfig:
         if self.stage == "student" and not self.teacher_weights:
             raise ValueError("ExtractorConfig: the student stage needs teacher_weights (the stage-1 "
                              "feature_extraction.pth)")
-        for name in ("lr", "margin", "safe_radius", "border", "distill_weight"):
+        for name in ("lr", "margin", "safe_radius", "border", "distill_weight", "nce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ExtractorConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:

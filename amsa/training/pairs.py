@@ -64,7 +64,8 @@ def photo_paths(folder: str, files: Sequence[str] | None = None, *, what: str = 
 
         spec = importlib.util.find_spec("skimage")
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{what}: '@skimage' needs scikit-image installed (pip install scikit-image)")
+            raise FileNotFoundError(
+                f"{what}: '@skimage' needs scikit-image installed (pip install scikit-image)")
         folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
     if files is None:
         return [os.path.join(folder, n) for n in _list_images(folder, what)]
@@ -123,10 +124,12 @@ def random_homography(
     return homography_from_corners(corners, moved)
 
 
-def warp_image(photo: torch.Tensor, h: torch.Tensor, origin: tuple[int, int], size: int) -> torch.Tensor:
+def warp_image(photo: torch.Tensor, h: torch.Tensor, origin: tuple[int, int], size: int, *,
+               mode: str = "bicubic") -> torch.Tensor:
     """The reference: ``ref(q) = photo(origin + H^-1 q)`` for the ``size x size`` reference pixels ``q``,
-    bicubic (clamped to [0, 1]), zero outside the photo. ``photo`` [3, Hp, Wp]; ``origin`` (y, x) of the
-    input window in the photo (the frame ``h`` is defined in). Returns [3, size, size]."""
+    interpolated (``mode`` of ``grid_sample``; bicubic clamped to [0, 1]), zero outside the photo.
+    ``photo`` [3, Hp, Wp]; ``origin`` (y, x) of the input window in the photo (the frame ``h`` is defined
+    in). Returns [3, size, size]."""
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
                             indexing="ij")
     src = apply_homography(torch.linalg.inv(h), torch.stack([xs, ys], -1))
@@ -135,7 +138,7 @@ def warp_image(photo: torch.Tensor, h: torch.Tensor, origin: tuple[int, int], si
     gx = (2 * (src[..., 0] + origin[1]) + 1) / wp - 1
     gy = (2 * (src[..., 1] + origin[0]) + 1) / hp - 1
     grid = torch.stack([gx, gy], -1).to(photo.dtype)[None]
-    out = F.grid_sample(photo[None], grid, mode="bicubic", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(photo[None], grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out[0].clamp(0.0, 1.0)
 
 
