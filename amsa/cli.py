@@ -19,6 +19,15 @@ import os
 import sys
 
 
+def add_run_args(p: argparse.ArgumentParser, presets: str) -> None:
+    """--config, --resume, --out of a training command."""
+    p.add_argument("--config", required=True, help=f"JSON config (see {presets})")
+    p.add_argument(
+        "--resume", default=None, help="checkpoint.pt to continue from, or 'auto' (out_dir's, if any)"
+    )
+    p.add_argument("--out", default=None, help="override the config's out_dir")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amsa",
@@ -60,11 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--nproc_per_node=N -m amsa train --config FILE. Writes checkpoint.pt, restoration.pth, config.json "
         "and log.jsonl to the config's out_dir.",
     )
-    tr.add_argument("--config", required=True, help="JSON config (see configs/)")
-    tr.add_argument(
-        "--resume", default=None, help="checkpoint.pt to continue from, or 'auto' (out_dir's, if any)"
-    )
-    tr.add_argument("--out", default=None, help="override the config's out_dir")
+    add_run_args(tr, "configs/")
 
     te = sub.add_parser(
         "train-extractor",
@@ -73,11 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(configs/extractor_*.json); one device, or torchrun for several. Writes checkpoint.pt, "
         "feature_extraction.pth (loads into amsa.AMSA(feature_weights=...)), config.json and log.jsonl.",
     )
-    te.add_argument("--config", required=True, help="JSON config (see configs/extractor_*.json)")
-    te.add_argument(
-        "--resume", default=None, help="checkpoint.pt to continue from, or 'auto' (out_dir's, if any)"
-    )
-    te.add_argument("--out", default=None, help="override the config's out_dir")
+    add_run_args(te, "configs/extractor_*.json")
 
     ee = sub.add_parser(
         "eval-extractor",

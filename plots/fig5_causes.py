@@ -86,7 +86,8 @@ def _keep_better(level: TorchLevel, pos, score, cand):
     return torch.where(better[..., None], cand, pos), torch.where(better, s, score)
 
 
-def _random_search(level: TorchLevel, pos, score, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _random_search(level: TorchLevel, pos, score, g: torch.Generator):
+    """Barnes et al.'s random search: one candidate per radius; returns (pos, score, candidates)."""
     hr, wr = level.rsize
     radius, n = float(max(hr, wr)), 0
     limit = torch.tensor([hr - 1, wr - 1], device=pos.device)
@@ -101,7 +102,8 @@ def _random_search(level: TorchLevel, pos, score, g: torch.Generator) -> tuple[t
 def _pass_up_neighbours(level: TorchLevel, coarse, prev_rsize, rsize, qsize):
     """The matches of the parent and of its 8 neighbours, each brought up with the fine pixel's own
     sub-cell offset; the best of the 9 (ties: the parent first)."""
-    pad = F.pad(coarse.permute(0, 3, 1, 2).double(), (1, 1, 1, 1), mode="replicate").long().permute(0, 2, 3, 1)
+    pad = F.pad(coarse.permute(0, 3, 1, 2).double(), (1, 1, 1, 1), mode="replicate")
+    pad = pad.long().permute(0, 2, 3, 1)
     h, w = coarse.shape[1:3]
     pos = upsample_positions(coarse, prev_rsize, rsize, qsize)
     score = level.score_positions(pos)
@@ -109,13 +111,15 @@ def _pass_up_neighbours(level: TorchLevel, coarse, prev_rsize, rsize, qsize):
         for dx in (-1, 0, 1):
             if dy or dx:
                 shifted = pad[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                pos, score = _keep_better(level, pos, score, upsample_positions(shifted, prev_rsize, rsize, qsize))
+                cand = upsample_positions(shifted, prev_rsize, rsize, qsize)
+                pos, score = _keep_better(level, pos, score, cand)
     return pos, score
 
 
 def run_schedule(query: torch.Tensor, ref: torch.Tensor, v: Variant, seed: int) -> tuple[torch.Tensor, int]:
     """CFE-PatchMatch of ``query`` [B, C, H, W] against ``ref`` with variant ``v``; (positions, FLOPs)."""
-    q_levels, r_levels = feature_levels(query, len(v.iters), "query"), feature_levels(ref, len(v.iters), "ref")
+    q_levels = feature_levels(query, len(v.iters), "query")
+    r_levels = feature_levels(ref, len(v.iters), "ref")
     B, C = query.shape[:2]
     g = torch.Generator().manual_seed(10_000 + seed)
     pos = score = None
@@ -168,8 +172,8 @@ def measure(query, ref, truth, inside, exact, variants, seeds) -> list[dict]:
         rows.append({"variant": v.name, "seeds": len(seeds),
                      **{k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}})
     exact_near = (exact.pos.double() - truth.double()).norm(dim=-1) <= 2
-    rows.append({"variant": "enumerated (exact)", "seeds": 1, "gflops": exact.flops / 1e9, "mse_score": 0.0,
-                 "agreement_in": 100.0, "agreement_out": 100.0,
+    rows.append({"variant": "enumerated (exact)", "seeds": 1, "gflops": exact.flops / 1e9,
+                 "mse_score": 0.0, "agreement_in": 100.0, "agreement_out": 100.0,
                  "within_in": 100 * exact_near[inside].double().mean().item()})
     return rows
 
@@ -195,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             exact = amsa.enumerated_match(q, r)
             pair_rows = measure(q, r, truth, inside, exact, VARIANTS, seeds)
         print(f"{p.label}, {feats.name} features on a {tuple(q.shape[-2:])} grid, seeds {seeds}")
-        print(f"{'variant':<54} {'GFLOPs':>7} {'MSE(S)':>9} {'agree in':>9} {'agree out':>10} {'within 2':>9}")
+        print(f"{'variant':<54} {'GFLOPs':>7} {'MSE(S)':>9} {'agree in':>9} {'agree out':>10} "
+              f"{'within 2':>9}")
         for row in pair_rows:
             print(f"{row['variant']:<54} {row['gflops']:>7.2f} {row['mse_score']:>9.3g} "
                   f"{row['agreement_in']:>9.1f} {row['agreement_out']:>10.1f} {row['within_in']:>9.1f}")
             rows.append({"pair": p.name, "features": args.features, **row})
-    write_csv(os.path.join(out, f"convergence_causes{'' if args.features == 'learned' else '_' + args.features}.csv"),
-              rows)
+    suffix = "" if args.features == "learned" else "_" + args.features
+    write_csv(os.path.join(out, f"convergence_causes{suffix}.csv"), rows)
     return 0
 
 
