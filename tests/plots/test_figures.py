@@ -48,7 +48,7 @@ def test_fig5_mse_never_increases_at_full_resolution(fig5):
             top = max(level for level, *_ in run)
             fine = [mse for level, _, _, mse, _ in run if level == top]
             assert len(fine) >= 5 and all(b <= a + 1e-12 for a, b in zip(fine, fine[1:])), (method, seed)
-            assert run[-1][3] < run[0][3] / 100  # and it converges far below the random start
+            assert run[-1][3] < run[0][3] / 50  # and it converges far below the random start
     full = _runs(rows, "PatchMatch 1 (full)")
     for run in full.values():
         assert [it for _, it, *_ in run] == list(range(11))
