@@ -92,4 +92,7 @@ def study_pairs(names: list[str], size: int) -> list[StudyPair]:
     if unknown:
         raise SystemExit(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
     build = {"demo": demo, "coffee": coffee, "stereo": stereo}
-    return [build[n](size) for n in names]
+    try:
+        return [build[n](size) for n in names]
+    except FileNotFoundError as exc:  # scikit-image's photos not installed
+        raise SystemExit(f"--pairs: {exc}") from exc
