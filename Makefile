@@ -40,9 +40,12 @@ gpu-bench:
 	python3 -m bench.suite --time-budget-s 360
 	python3 -m plots.benchmarks
 
-# The convergence studies (paper Fig. 5 and Fig. 7), regenerated into plots/figures/ (~15 min on 2 cores).
+# The convergence studies (paper Fig. 5, its causes, Fig. 7), regenerated into plots/figures/ (~25 min on 2
+# cores; Fig. 5's coffee and stereo pairs need scikit-image's photos: pip install -e ".[photos]").
 figures: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.convergence
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.fig5_causes
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.fig5_causes --features filter-bank-4
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m plots.scale_robustness
 
 lint: $(VENV)/.installed

@@ -3,6 +3,8 @@
 Commands:
     demo    CFE-PatchMatch vs enumerated matching on a real RefSR pair (see :mod:`amsa.demo`).
     train   train AMSA from a JSON config, on one device or under torchrun (see :mod:`amsa.training`).
+    train-extractor   train the matching extractor (contrastive teacher, distilled student).
+    eval-extractor    % of held-out cells matched within 2 cells of the truth: learned vs filter bank.
     eval    PSNR / SSIM (Y channel) on CUFED5 (per reference level) or a folder (see :mod:`amsa.evaluation`).
     sr      super-resolve one LR image with one or more references.
 
@@ -17,6 +19,15 @@ import os
 import sys
 
 from amsa.backends import BACKENDS
+
+
+def add_run_args(p: argparse.ArgumentParser, presets: str) -> None:
+    """--config, --resume, --out of a training command."""
+    p.add_argument("--config", required=True, help=f"JSON config (see {presets})")
+    p.add_argument(
+        "--resume", default=None, help="checkpoint.pt to continue from, or 'auto' (out_dir's, if any)"
+    )
+    p.add_argument("--out", default=None, help="override the config's out_dir")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -60,11 +71,28 @@ def _build_parser() -> argparse.ArgumentParser:
         "--nproc_per_node=N -m amsa train --config FILE. Writes checkpoint.pt, restoration.pth, config.json "
         "and log.jsonl to the config's out_dir.",
     )
-    tr.add_argument("--config", required=True, help="JSON config (see configs/)")
-    tr.add_argument(
-        "--resume", default=None, help="checkpoint.pt to continue from, or 'auto' (out_dir's, if any)"
+    add_run_args(tr, "configs/")
+
+    te = sub.add_parser(
+        "train-extractor",
+        help="train the matching extractor: stage teacher (contrastive) or student (LR-up, distilled)",
+        description="Train the matching extractor (ContrasExtractorSep) of one stage from a JSON config "
+        "(configs/extractor_*.json); one device, or torchrun for several. Writes checkpoint.pt, "
+        "feature_extraction.pth (loads into amsa.AMSA(feature_weights=...)), config.json and log.jsonl.",
     )
-    tr.add_argument("--out", default=None, help="override the config's out_dir")
+    add_run_args(te, "configs/extractor_*.json")
+
+    ee = sub.add_parser(
+        "eval-extractor",
+        help="matching accuracy on held-out pairs with known geometry: learned vs filter bank vs random",
+        description="On the held-out pairs of a config's val_data: the % of LR-up cells whose exact and "
+        "CFE-PatchMatch matches lie within 2 cells of the true correspondence, for the given extractor "
+        "weights, the fixed filter bank and random-weight extractors.",
+    )
+    ee.add_argument("--config", required=True, help="a train-extractor config whose val_data names the pairs")
+    ee.add_argument("--feature-weights", default="@learned",
+                    help="extractor weights (default @learned: the one shipped with the package)")
+    ee.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -77,7 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "the official size)",
         )
         p.add_argument(
-            "--feature-weights", default=None, help="matching extractor weights (feature_extraction.pth)"
+            "--feature-weights", default=None,
+            help="matching extractor weights (feature_extraction.pth, or @learned: the one shipped with the "
+            "package; default: the run's config, else @learned)",
         )
         p.add_argument("--vgg-weights", default=None, help="VGG19 weights (torchvision or official layout)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -158,6 +188,18 @@ def _train(args: argparse.Namespace) -> int:
     return main_train(args.config, resume=args.resume, out_dir=args.out)
 
 
+def _train_extractor(args: argparse.Namespace) -> int:
+    from amsa.training.extractor import main_train_extractor
+
+    return main_train_extractor(args.config, resume=args.resume, out_dir=args.out)
+
+
+def _eval_extractor(args: argparse.Namespace) -> int:
+    from amsa.training.correspondence import main_eval_extractor
+
+    return main_eval_extractor(args.config, args.feature_weights, json_path=args.json)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from amsa.evaluation.evaluate import evaluate
     from amsa.training.data import CUFED5TestSet, SelfReferenceSet
@@ -203,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
-    commands = {"train": _train, "eval": _eval, "sr": _sr}
+    commands = {"train": _train, "train-extractor": _train_extractor, "eval-extractor": _eval_extractor,
+                "eval": _eval, "sr": _sr}
     if args.command in commands:
         from amsa.models import CheckpointError
 

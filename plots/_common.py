@@ -1,4 +1,5 @@
-"""Helpers the figure scripts share: output paths, CSV rows, features of image pairs, seed bands."""
+"""Helpers the figure scripts share: output paths, CSV rows, features of image pairs, seed bands
+(``down_up``, the blur domain of LR-up, is :func:`amsa.demo.features.down_up`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from amsa.io import bicubic_resize, load_image
+from amsa.demo.features import down_up
+from amsa.io import load_image
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 QUICK_OUT = os.path.join("out", "plots")
@@ -41,28 +43,22 @@ def parse_floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def down_up(img: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """Bicubic down by ``factor`` and back up to the same size: the blur domain of LR-up, where RefSR
-    matches (applied to references as to the HR image)."""
-    h, w = img.shape[-2:]
-    return bicubic_resize(bicubic_resize(img, (max(1, h // factor), max(1, w // factor))), (h, w))
-
-
 def user_pair(hr_path: str, ref_path: str, size: int) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A pair given on the command line: the HR image and a reference, each centre-cropped to at most
-    ``size`` pixels per side and to a multiple of 4. Returns (name, LR-up, reference down-up): the
-    query image is the HR image bicubic-downsampled 4x and upsampled back, as RefSR's LR-up."""
+    ``size`` pixels per side and to a multiple of 4. Returns (name, LR-up, reference): the query image is
+    the HR image bicubic-downsampled 4x and upsampled back, as RefSR's LR-up; the reference stays sharp
+    (features that need it blurred do that themselves: :class:`amsa.demo.features.MatchingFeatures`)."""
     crops = []
     for path in (hr_path, ref_path):
         img = load_image(path)
         h, w = img.shape[-2:]
         ch, cw = min(h, size) // 4 * 4, min(w, size) // 4 * 4
-        if min(ch, cw) < 24:
-            raise SystemExit(f"{path}: {h}x{w} is too small, at least 24x24 pixels needed for 4 levels")
+        if min(ch, cw) < 96:
+            raise SystemExit(f"{path}: {h}x{w} is too small, at least 96x96 pixels needed for 4 levels")
         y, x = (h - ch) // 2, (w - cw) // 2
         crops.append(img[..., y : y + ch, x : x + cw])
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]
-    return f"{stem(hr_path)}_{stem(ref_path)}", down_up(crops[0]), down_up(crops[1])
+    return f"{stem(hr_path)}_{stem(ref_path)}", down_up(crops[0]), crops[1]
 
 
 @torch.no_grad()

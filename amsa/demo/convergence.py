@@ -33,7 +33,7 @@ import torch
 from amsa.matching import Match, patch_similarity
 from amsa.matching.schedule import CANDIDATES_PER_STEP, dilations, evaluation_flops, upsample_positions
 
-__all__ = ["CURVE_KEYS", "convergence_curve", "full_iteration_flops", "value_at"]
+__all__ = ["CURVE_KEYS", "TRUTH_KEYS", "convergence_curve", "full_iteration_flops", "value_at"]
 
 CURVE_KEYS = (
     "iteration",
@@ -45,6 +45,11 @@ CURVE_KEYS = (
     "mse_score",
     "mse_warped",
 )
+# With the true correspondences (``truth``, ``inside``): agreement and MSE(S) on the query pixels whose
+# true correspondence lies inside the reference (``_in``) and on the others (``_out``, where the exact
+# optimum is only the best look-alike), and the % of inside pixels within 2 pixels of the truth.
+TRUTH_KEYS = ("agreement_in", "agreement_out", "mse_score_in", "mse_score_out", "within_in")
+TOLERANCE = 2.0
 
 
 def full_iteration_flops(query: torch.Tensor) -> int:
@@ -63,15 +68,21 @@ def _warp(ref: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return ref.reshape(B, C, -1).gather(2, flat).view(B, C, *pos.shape[1:3])
 
 
+def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return x[mask].mean().item() if bool(mask.any()) else float("nan")
+
+
 def convergence_curve(
-    match: Match, query: torch.Tensor, ref: torch.Tensor, exact: Match
+    match: Match, query: torch.Tensor, ref: torch.Tensor, exact: Match, *,
+    truth: torch.Tensor | None = None, inside: torch.Tensor | None = None,
 ) -> dict[str, list]:
     """Per snapshot of ``match.history`` (a run with ``history=True``), its state brought to full
     resolution and compared with ``exact`` (enumerated matching of ``query`` [B, C, Hq, Wq] against
     ``ref`` [B, C, Hr, Wr], the full-resolution maps the run matched). Returns a list per key of
     :data:`CURVE_KEYS` (see the module docstring): ``iteration``, ``full_res_iters``, ``level``,
     ``gflops`` (cumulative), ``mean_score`` (mean S at full resolution), ``agreement`` (%),
-    ``mse_score``, ``mse_warped``."""
+    ``mse_score``, ``mse_warped``; with ``truth`` [Hq, Wq, 2] (true reference positions, float, in the
+    grid's pixels) and ``inside`` [Hq, Wq] bool, also :data:`TRUTH_KEYS` (NaN for an empty kind)."""
     if not match.history:
         raise ValueError("convergence_curve needs a Match computed with history=True")
     q_size, r_size = tuple(query.shape[-2:]), tuple(ref.shape[-2:])
@@ -80,7 +91,10 @@ def convergence_curve(
     best = patch_similarity(query, ref, exact.pos).double()
     best_warped = _warp(ref, exact.pos).double()
     unit = full_iteration_flops(query)
-    curve: dict[str, list] = {k: [] for k in CURVE_KEYS}
+    keys = CURVE_KEYS + (TRUTH_KEYS if truth is not None else ())
+    curve: dict[str, list] = {k: [] for k in keys}
+    if truth is not None:
+        truth, inside = truth.to(query.device), inside.to(query.device).expand(query.shape[0], -1, -1)
     done = 0
     for snap in match.history:
         done += snap.iteration > 0
@@ -93,9 +107,18 @@ def convergence_curve(
         curve["level"].append(snap.level)
         curve["gflops"].append(snap.flops / 1e9)
         curve["mean_score"].append(score.mean().item())
-        curve["agreement"].append(100.0 * (pos == exact.pos).all(-1).double().mean().item())
-        curve["mse_score"].append((score - best).square().mean().item())
+        same = (pos == exact.pos).all(-1).double()
+        sq = (score - best).square()
+        curve["agreement"].append(100.0 * same.mean().item())
+        curve["mse_score"].append(sq.mean().item())
         curve["mse_warped"].append((_warp(ref, pos).double() - best_warped).square().mean().item())
+        if truth is not None:
+            near = ((pos.double() - truth.double()).norm(dim=-1) <= TOLERANCE).double()
+            curve["agreement_in"].append(100.0 * _mean(same, inside))
+            curve["agreement_out"].append(100.0 * _mean(same, ~inside))
+            curve["mse_score_in"].append(_mean(sq, inside))
+            curve["mse_score_out"].append(_mean(sq, ~inside))
+            curve["within_in"].append(100.0 * _mean(near, inside))
     return curve
 
 

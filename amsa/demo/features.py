@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FilterBankExtractor"]
+__all__ = ["FilterBankExtractor", "MatchingFeatures", "default_matching_features", "down_up"]
 
 # BT.601 luma and two colour-opponent axes (red-green, yellow-blue), rows act on (R, G, B).
 _COLOUR_MATRIX = (
@@ -161,3 +161,66 @@ class FilterBankExtractor(nn.Module):
                 feats = feats / std.clamp_min(self.std_floor)
             feats = feats * self.channel_weights.to(device=x.device, dtype=dt).view(1, -1, 1, 1)
         return feats.to(out_dtype)
+
+
+def down_up(img: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Bicubic down by ``factor`` and back up to the same size: the blur domain of LR-up, where matching
+    on hand-made features compares a reference with LR-up (applied to references as to the HR image)."""
+    from amsa.io import bicubic_resize
+
+    h, w = img.shape[-2:]
+    return bicubic_resize(bicubic_resize(img, (max(1, h // factor), max(1, w // factor))), (h, w))
+
+
+class MatchingFeatures(nn.Module):
+    """Features of an (LR-up, reference) pair on a matching grid of ``stride`` image pixels per cell:
+    ``forward(lr_up [B, 3, H, W], ref [B, 3, Hr, Wr]) -> (K [B, C, H/s, W/s], Q [B, C, Hr/s, Wr/s])``.
+
+    * ``MatchingFeatures.learned(extractor)``: a :class:`amsa.models.ContrasExtractorSep` (its LR branch on
+      LR-up, its reference branch on the sharp reference, as AMSA matches), stride 4, every cell's
+      descriptor L2-normalised (the contrastive loss trains normalised descriptors);
+    * ``MatchingFeatures.filter_bank(stride)``: :class:`FilterBankExtractor` on LR-up and on the reference
+      taken 4x down and up (the same blur domain), averaged over ``stride x stride`` cells (stride 4: the
+      grid AMSA matches on; 1: the full-resolution features of the demo).
+    """
+
+    def __init__(self, lr_branch: nn.Module, ref_branch: nn.Module, stride: int, name: str, *,
+                 blur_ref: bool = False, pool: int = 1, normalise: bool = False):
+        super().__init__()
+        self.lr_branch, self.ref_branch = lr_branch, ref_branch
+        self.stride, self.name, self.blur_ref = stride, name, blur_ref
+        self.pool, self.normalise = pool, normalise
+
+    @classmethod
+    def learned(cls, extractor: nn.Module, name: str = "learned") -> MatchingFeatures:
+        return cls(extractor.feature_extraction_image1, extractor.feature_extraction_image2, 4, name,
+                   normalise=True)
+
+    @classmethod
+    def filter_bank(cls, stride: int = 4) -> MatchingFeatures:
+        bank = FilterBankExtractor()
+        return cls(bank, bank, stride, "filter bank", blur_ref=True, pool=stride)
+
+    def _side(self, branch: nn.Module, img: torch.Tensor) -> torch.Tensor:
+        f = branch(img)
+        if self.pool > 1:
+            f = F.avg_pool2d(f, self.pool)
+        return F.normalize(f, dim=1) if self.normalise else f
+
+    def forward(self, lr_up: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = down_up(ref) if self.blur_ref else ref
+        return self._side(self.lr_branch, lr_up), self._side(self.ref_branch, ref)
+
+
+def default_matching_features() -> MatchingFeatures:
+    """The features the demo and the figure scripts use unless told otherwise: the matching extractor
+    trained in this repository and shipped with the package (``ContrasExtractorSep(weights="@learned")``,
+    stride 4), which matches held-out pairs better than the filter bank (README, "Training the matching
+    extractor"); the filter bank at full resolution where those weights are not installed."""
+    import os
+
+    from amsa.models.extractors import LEARNED, LEARNED_FEATURE_WEIGHTS, ContrasExtractorSep
+
+    if not os.path.isfile(LEARNED_FEATURE_WEIGHTS):
+        return MatchingFeatures.filter_bank(stride=1)
+    return MatchingFeatures.learned(ContrasExtractorSep(weights=LEARNED), "learned (@learned)")

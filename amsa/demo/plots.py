@@ -48,7 +48,16 @@ def _to_hwc(img: torch.Tensor):
     return img[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def plot_correspondences(pair: DemoPair, pm: MethodResult, enum: MethodResult, path: str) -> None:
+def _in_pixels(pos: torch.Tensor, stride: int) -> torch.Tensor:
+    """Matches [h, w, 2] on a grid of ``stride`` pixels per cell -> [h s, w s, 2] float pixel positions
+    (every pixel of a cell takes the cell's match, at the matched cell's centre)."""
+    if stride == 1:
+        return pos.float()
+    return (pos.float() * stride + (stride - 1) / 2).repeat_interleave(stride, 0).repeat_interleave(stride, 1)
+
+
+def plot_correspondences(pair: DemoPair, pm: MethodResult, enum: MethodResult, path: str, *,
+                         stride: int = 1) -> None:
     import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -63,10 +72,10 @@ def plot_correspondences(pair: DemoPair, pm: MethodResult, enum: MethodResult, p
 
     pts = _spread_points(_cornerness(pair.lr_up), n_side=7, border=max(2, wq // 40))
     truth = pair.true_positions()
-    ppos, epos = pm.match.pos[0].cpu(), enum.match.pos[0].cpu()
+    ppos, epos = _in_pixels(pm.match.pos[0].cpu(), stride), _in_pixels(enum.match.pos[0].cpu(), stride)
 
     def correct(pos, y, x):
-        return float((pos[y, x].float() - truth[y, x]).norm()) <= TOLERANCE_PX
+        return float((pos[y, x].float() - truth[y, x]).norm()) <= TOLERANCE_PX * stride
 
     fig = Figure(figsize=(12, 6.6), dpi=110)
     ax = fig.add_axes((0.01, 0.10, 0.98, 0.84))
@@ -88,7 +97,7 @@ def plot_correspondences(pair: DemoPair, pm: MethodResult, enum: MethodResult, p
     ax.axis("off")
     n_pm = sum(correct(ppos, y, x) for y, x in pts)
     n_en = sum(correct(epos, y, x) for y, x in pts)
-    tol = f"{TOLERANCE_PX:g} px of the truth"
+    tol = f"{TOLERANCE_PX * stride:g} px of the truth"
     handles = [
         Line2D([], [], color="red", lw=1.5, label=f"{pm.name}: {n_pm}/{len(pts)} within {tol}"),
         Line2D([], [], color="yellow", lw=2.6, label=f"{enum.name}: {n_en}/{len(pts)} within {tol}"),

@@ -3,8 +3,10 @@
 The pair comes from the photo matplotlib ships (:func:`amsa.demo.pair.demo_pair`): the HR crop is
 bicubic-downsampled 4x (LR) and upsampled back (LR-up, the query); the reference is an overlapping crop
 of the same photo at another scale and position, taken down and up 4x as well (ref-blur), so both sides
-are matched in the same blur domain, as RefSR methods do. Features of both come from a fixed extractor
-(:class:`amsa.demo.features.FilterBankExtractor` unless another one is given). Then
+are matched in the same blur domain, as RefSR methods do. Features come from
+:func:`amsa.demo.features.default_matching_features` unless others are given: the matching extractor
+trained in this repository (its LR branch on LR-up, its reference branch on the sharp reference, as AMSA
+matches, on the 1/4 grid), or the fixed filter bank (both in the blur domain, full resolution). Then
 
 * CFE-PatchMatch with the paper's schedule (1, 1, 2, 6 iterations at 1/8, 1/4, 1/2, 1),
 * CFE-PatchMatch with the official release's schedule (1, 1, 1, 4),
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from amsa.demo.convergence import convergence_curve
-from amsa.demo.features import FilterBankExtractor
+from amsa.demo.features import MatchingFeatures, default_matching_features
 from amsa.demo.pair import DemoPair, demo_pair
 from amsa.demo.plots import plot_convergence, plot_correspondences
 from amsa.demo.table import TOLERANCE_PX, MethodResult, format_table, write_csv
@@ -61,15 +63,19 @@ def run_demo(
     backend: str = "auto",
     seed: int = 0,
     extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    features: MatchingFeatures | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
     """Run the demo at ``size x size`` (HR crop and reference) and write its outputs to ``out``.
 
-    ``extractor`` maps images ``[1, 3, H, W]`` in ``[0, 1]`` to features ``[1, C, H, W]`` (default:
-    :class:`~amsa.demo.features.FilterBankExtractor`). ``backend`` and ``seed`` go to
-    :func:`amsa.cfe_patchmatch`. ``device`` defaults to CUDA when available. ``log`` receives the
-    printed lines (``None``: silent). Returns the table rows, the table text and the written files.
+    Features: ``features`` (a :class:`~amsa.demo.features.MatchingFeatures`: LR-up and the reference to
+    a matching grid of its stride), or ``extractor``, a module mapping images ``[1, 3, H, W]`` in
+    ``[0, 1]`` to features ``[1, C, H, W]`` at full resolution (applied to LR-up and to the reference
+    taken down and up 4x), or by default :func:`~amsa.demo.features.default_matching_features`.
+    ``backend`` and ``seed`` go to :func:`amsa.cfe_patchmatch`. ``device`` defaults to CUDA when
+    available. ``log`` receives the printed lines (``None``: silent). Returns the table rows, the table
+    text and the written files.
     """
     t_start = time.perf_counter()
     say = log if log is not None else (lambda s: None)
@@ -78,19 +84,23 @@ def run_demo(
     dev = torch.device(device)
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    extractor = FilterBankExtractor() if extractor is None else extractor
-    if isinstance(extractor, torch.nn.Module):
-        extractor = extractor.to(dev).eval()
+    if features is None:
+        features = (default_matching_features() if extractor is None else
+                    MatchingFeatures(extractor, extractor, 1, type(extractor).__name__, blur_ref=True))
+    features = features.to(dev).eval()
+    stride = features.stride
 
     pair = demo_pair(size)
-    lr_up, ref_blur = pair.lr_up.to(dev), pair.ref_blur.to(dev)
+    lr_up, ref = pair.lr_up.to(dev), pair.ref.to(dev)
     with torch.no_grad():
-        (q, r), t_feat = timed(lambda: (extractor(lr_up), extractor(ref_blur)), dev)
-    if q.dim() != 4 or q.shape[-2:] != pair.lr_up.shape[-2:] or r.shape[-2:] != pair.ref_blur.shape[-2:]:
-        raise ValueError(f"extractor must keep the input resolution, got {list(q.shape)} and {list(r.shape)}")
-    name = type(extractor).__name__
+        (q, r), t_feat = timed(lambda: features(lr_up, ref), dev)
+    cells = (size // stride, size // stride)
+    if q.dim() != 4 or tuple(q.shape[-2:]) != cells or tuple(r.shape[-2:]) != cells:
+        raise ValueError(f"features must map {size}x{size} images to a {cells} grid (stride {stride}), got "
+                         f"{list(q.shape)} and {list(r.shape)}")
+    name = features.name
     gy, gx = pair.geometry.scale
-    overlap = pair.overlap_mask()
+    truth, overlap = pair.truth_cells(stride)
     say(
         f"amsa demo: {os.path.basename(pair.source)}, HR crop {size}x{size} at {pair.hr_origin}, "
         f"LR {size // 4}x{size // 4} (4x bicubic), reference {tuple(pair.ref.shape[-2:])} at scale "
@@ -98,7 +108,8 @@ def run_demo(
         f"{100 * overlap.float().mean():.0f}% of HR pixels inside it"
     )
     say(
-        f"features: {name}, C={q.shape[1]}, query LR-up {tuple(q.shape[-2:])} vs reference down-up "
+        f"features: {name}, C={q.shape[1]}, {stride} px per matching cell, query LR-up "
+        f"{tuple(q.shape[-2:])} vs reference{' down-up' if features.blur_ref else ''} "
         f"{tuple(r.shape[-2:])}, {t_feat:.2f} s; device {dev}, backend {backend}, seed {seed}, "
         f"torch threads {torch.get_num_threads()}"
     )
@@ -109,7 +120,7 @@ def run_demo(
     enumerated_match(q[..., :w, :w], r[..., :w, :w])
 
     exact, t_enum = timed(lambda: enumerated_match(q, r), dev)
-    truth = pair.true_positions().to(dev)
+    truth = truth.to(dev)
 
     def within(m: Match) -> float:
         d = (m.pos[0].float() - truth).norm(dim=-1)
@@ -163,9 +174,10 @@ def run_demo(
     say("")
     say(table)
     say(
-        f"\nagreement: % of the {size}x{size} query pixels matched to the same reference pixel as enumerated "
-        f"matching; within {TOLERANCE_PX:g} px: % of the {int(overlap.sum())} HR pixels whose true "
-        f"reference position is inside the reference; GFLOPs: analytic, matching only"
+        f"\nagreement: % of the {cells[0]}x{cells[1]} query cells matched to the same reference cell as "
+        f"enumerated matching; within {TOLERANCE_PX:g} px: % of the {int(overlap.sum())} query cells whose "
+        f"true reference position is inside the reference, within {TOLERANCE_PX:g} cells ({stride} px "
+        f"each) of it; GFLOPs: analytic, matching only"
     )
 
     files = {
@@ -174,7 +186,7 @@ def run_demo(
         "convergence": os.path.join(out, "convergence.png"),
     }
     write_csv(rows, files["results"])
-    plot_correspondences(pair, rows[0], enum_row, files["correspondences"])
+    plot_correspondences(pair, rows[0], enum_row, files["correspondences"], stride=stride)
     plot_convergence(curves, enum_row, files["convergence"])
     total = time.perf_counter() - t_start
     say(f"wrote {', '.join(files.values())} ({total:.1f} s in all)")

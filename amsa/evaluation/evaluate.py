@@ -20,6 +20,7 @@ from torch import nn
 from amsa.evaluation.metrics import psnr, quantize_8bit, ssim
 from amsa.io import atomic_write, read_json, save_image
 from amsa.models import AMSA
+from amsa.models.extractors import LEARNED, LEARNED_FEATURE_WEIGHTS
 
 __all__ = ["EvalResult", "EvalRow", "evaluate", "load_model", "super_resolve"]
 
@@ -174,19 +175,24 @@ def load_model(
 
     The architecture comes from ``model_config`` or the run's ``config.json`` beside ``weights`` (see
     :func:`_model_kwargs`); ``feature_weights`` / ``vgg_weights`` override the matching extractor's and
-    VGG19's weights given there. Raises ``FileNotFoundError`` for missing files and
+    VGG19's weights given there. Without any config (official weights) the matching extractor is the one
+    shipped with the package (``"@learned"``); a run's config without one keeps the random extractor the
+    run trained with. Raises ``FileNotFoundError`` for missing files and
     :class:`amsa.CheckpointError` (a ``ValueError``) when the weights do not fit the model.
     """
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file {weights!r} does not exist")
     kwargs, seed = _model_kwargs(weights, model_config)
+    if not kwargs:  # no training config: official / third-party weights; match with the shipped extractor
+        kwargs["feature_weights"] = LEARNED
     kwargs["weights"] = weights
     for key, value in (("feature_weights", feature_weights), ("vgg_weights", vgg_weights)):
         if value is not None:
             kwargs[key] = value
     for key in ("feature_weights", "vgg_weights"):
-        if kwargs.get(key) is not None and not os.path.isfile(kwargs[key]):
-            raise FileNotFoundError(f"{key} file {kwargs[key]!r} does not exist")
+        path = LEARNED_FEATURE_WEIGHTS if kwargs.get(key) == LEARNED else kwargs.get(key)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{key} file {path!r} does not exist")
     # Parts without weights (extractors of a smoke run) are random: seed them as training did
     # (torch.manual_seed(cfg.seed) right before building the model), so they are the ones it trained with.
     with torch.random.fork_rng(devices=[]):

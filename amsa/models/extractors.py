@@ -12,6 +12,7 @@ layer computed.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,14 @@ from torch import nn
 from amsa._checks import check_image
 from amsa.models.checkpoints import WeightsSource, load_weights
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VGG_LAYERS", "ContrasExtractorSep", "VGGFeatures",
-           "vgg_from_torchvision"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LEARNED", "LEARNED_FEATURE_WEIGHTS", "VGG_LAYERS",
+           "ContrasExtractorSep", "VGGFeatures", "vgg_from_torchvision"]
+
+# The matching extractor trained in this repository (``python -m amsa train-extractor``, README "Training
+# the matching extractor"), shipped with the package; ``feature_weights="@learned"`` names it.
+LEARNED = "@learned"
+LEARNED_FEATURE_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                                       "feature_extraction_small.pth")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,12 +185,23 @@ class ContrasExtractorLayer(_Normalised):
         return self.model(self.normalise(x, "image"))
 
 
+def _contras_from_torchvision(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision VGG16 state dict as both branches of :class:`ContrasExtractorSep` (the official
+    training starts both from ImageNet VGG16)."""
+    out: dict[str, torch.Tensor] = {}
+    for branch in ("feature_extraction_image1", "feature_extraction_image2"):
+        out.update(vgg_from_torchvision(sd, "vgg16", prefix=f"{branch}.model.", last="conv3_1"))
+    return out
+
+
 class ContrasExtractorSep(nn.Module):
     """C2-Matching's contrastive matching extractor with separate weights for the two image domains.
 
     ``feature_extraction_image1`` embeds the LR-upsampled image, ``feature_extraction_image2`` the
     reference: ``forward(lr_up, ref) -> (K, Q)``, each [B, 256, H/4, W/4]. Keys as the official
-    ``feature_extraction.pth``. Frozen (no gradient) unless ``requires_grad``.
+    ``feature_extraction.pth``; ``weights`` may also be a torchvision VGG16 state dict (both branches
+    from it) or ``"@learned"``, the extractor trained in this repository and shipped with the package
+    (:data:`LEARNED_FEATURE_WEIGHTS`). Frozen (no gradient) unless ``requires_grad``.
     """
 
     def __init__(self, *, weights: WeightsSource | None = None, requires_grad: bool = False) -> None:
@@ -193,11 +211,14 @@ class ContrasExtractorSep(nn.Module):
         if weights is None:
             warnings.warn(
                 "ContrasExtractorSep: no weights given, the matching extractor is RANDOM; pass the official "
-                "feature_extraction.pth (local file) for meaningful matches",
+                "feature_extraction.pth (local file) or '@learned' for meaningful matches",
                 stacklevel=2,
             )
         else:
-            load_weights(self, weights, what="contrastive extractor weights")
+            if isinstance(weights, str) and weights == LEARNED:
+                weights = LEARNED_FEATURE_WEIGHTS
+            load_weights(self, weights, what="contrastive extractor weights",
+                         convert=_contras_from_torchvision)
         _freeze(self, requires_grad)
 
     def forward(self, lr_up: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 from amsa.io import read_json
 from amsa.training.data import CUFED5TestSet, CUFEDTrainSet, SelfReferenceSet
 
-__all__ = ["TrainConfig", "build_dataset", "load_config", "param_groups"]
+__all__ = ["TrainConfig", "build_dataset", "check_run", "load_config", "param_groups"]
 
 
 @dataclass
@@ -77,11 +77,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.milestones = tuple(self.milestones)
-        positive = ("updates", "batch_size", "grad_accum")
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        check_run(self, "TrainConfig")
         for name in ("w_rec", "w_per", "w_adv", "gp_weight", "lr", "lr_offset_1x", "lr_offset_2x", "lr_d"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
@@ -94,22 +90,33 @@ class TrainConfig:
             )
         if "kind" not in self.train_data:
             raise ValueError("TrainConfig: train_data needs a 'kind' ('cufed' or 'self_reference')")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"TrainConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str, **overrides: object) -> TrainConfig:
-    """Read a JSON config; ``overrides`` (e.g. ``out_dir``) replace its keys. Unknown keys are errors."""
-    raw = read_json(path, "train: config file")
+def load_config(path: str, cls: type = None, *, what: str = "train", **overrides: object):
+    """Read a JSON config into ``cls`` (default :class:`TrainConfig`); ``overrides`` (e.g. ``out_dir``)
+    replace its keys. Unknown keys are errors."""
+    cls = TrainConfig if cls is None else cls
+    raw = read_json(path, f"{what}: config file")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"train: unknown keys {unknown} in {path!r}; valid keys: {sorted(known)}")
-    return TrainConfig(**raw)
+        raise ValueError(f"{what}: unknown keys {unknown} in {path!r}; valid keys: {sorted(known)}")
+    return cls(**raw)
+
+
+def check_run(cfg, what: str) -> None:
+    """The checks every run's config shares: positive ``updates``, ``batch_size``, ``grad_accum`` and a
+    valid ``device``."""
+    for name in ("updates", "batch_size", "grad_accum"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{what}: device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
 
 
 def build_dataset(spec: dict, *, train: bool) -> torch.utils.data.Dataset:

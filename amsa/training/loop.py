@@ -35,24 +35,19 @@ update counter, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from amsa.evaluation.evaluate import evaluate
-from amsa.io import append_jsonl, write_json
 from amsa.models import AMSA, VGGFeatures
+from amsa.training.base import BaseTrainer, adam, fmt_terms, launch
 from amsa.training.config import TrainConfig, build_dataset, load_config, param_groups
-from amsa.training.data import TrainBatchSampler
-from amsa.training.distributed import ProcessGroup, no_sync, resolve_device
+from amsa.training.distributed import ProcessGroup
 from amsa.training.losses import (
     ImageDiscriminator,
     PerceptualLoss,
@@ -61,7 +56,7 @@ from amsa.training.losses import (
     wgan_critic_loss,
     wgan_generator_loss,
 )
-from amsa.training.state import CHECKPOINT_NAME, Part, load_checkpoint, save_checkpoint
+from amsa.training.state import CHECKPOINT_NAME, Part
 
 __all__ = ["TrainState", "Trainer", "main_train", "train"]
 
@@ -78,30 +73,15 @@ class TrainState:
     last_val_psnr: float | None
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 86400}d {s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+class Trainer(BaseTrainer):
+    """One restoration training run on this process: the modules, their optimisers, the data, and the
+    micro-batch of the loop (:class:`amsa.training.base.BaseTrainer` drives it)."""
 
-
-def _fmt_terms(terms: dict) -> str:
-    return " ".join(f"{k} {float(v):.4g}" for k, v in terms.items())
-
-
-def _adam(module_or_groups, cfg: TrainConfig, lr: float):
-    opt = torch.optim.Adam(module_or_groups, lr=lr, betas=cfg.betas)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.lr_gamma)
-
-
-class Trainer:
-    """One training run on this process: the modules, their optimisers, the data, and the steps of the
-    loop (:meth:`update`, :meth:`log_progress`, :meth:`validate`, :meth:`save`), driven by :meth:`run`."""
+    weights_name = WEIGHTS_NAME
 
     def __init__(self, cfg: TrainConfig, pg: ProcessGroup, model_factory: Callable[[dict], nn.Module],
                  log: Callable[[str], None]):
-        self.cfg, self.pg, self.log = cfg, pg, log
-        self.device = resolve_device(cfg.device, pg.local_rank)
+        super().__init__(cfg, pg, log)
         torch.manual_seed(cfg.seed)
         self.model = model_factory(dict(cfg.model)).to(self.device)
         self.net = getattr(self.model, "net", None)
@@ -113,16 +93,10 @@ class Trainer:
         if cfg.w_per > 0:
             vgg = VGGFeatures("vgg19", ("relu5_1",), weights=cfg.perceptual_vgg_weights)
             self.perceptual = PerceptualLoss(vgg).to(self.device)
-        self.parts = [Part("net", "g", self.net, *_adam(param_groups(self.net, cfg), cfg, cfg.lr))]
+        self.parts = [Part("net", "g", self.net, *adam(param_groups(self.net, cfg), cfg, cfg.lr))]
         if self.disc is not None:
-            self.parts.append(Part("disc", "d", self.disc, *_adam(self.disc.parameters(), cfg, cfg.lr_d)))
-        self.step = 0
+            self.parts.append(Part("disc", "d", self.disc, *adam(self.disc.parameters(), cfg, cfg.lr_d)))
         self.last_val: float | None = None
-
-    def resume(self, path: str) -> None:
-        self.step = load_checkpoint(path, self.cfg.to_dict(), self.pg.world, self.parts)
-        if self.pg.main:
-            self.log(f"resumed from {path} at update {self.step}")
 
     def prepare(self) -> None:
         """Identical replicas, the DDP wrappers the loop calls (the bare modules with one process;
@@ -134,21 +108,20 @@ class Trainer:
         self.d_model = pg.wrap(self.disc, self.device) if self.disc is not None else None
         self.wrappers = [w for w in (self.d_model, self.g_model) if w is not None]
         dataset = build_dataset(cfg.train_data, train=True)
-        sampler = TrainBatchSampler(len(dataset), cfg.batch_size, rank=pg.rank, world_size=pg.world,
-                                    seed=cfg.seed, start=self.step * cfg.grad_accum)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        self.batches = iter(loader)
+        self.start_data(dataset)
         self.val_set = build_dataset(cfg.val_data, train=False) if cfg.val_data and pg.main else None
         if pg.main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
             n_train = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
             self.log(
                 f"training {type(self.model).__name__}: {n_train:,} trained parameters, {len(dataset)} "
                 f"training items, {pg.world} process(es) x {cfg.batch_size} x {cfg.grad_accum} accumulation "
                 f"= {pg.world * cfg.batch_size * cfg.grad_accum} samples per update, device {self.device}"
             )
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.disc is not None:
+            self.disc.train()
 
     def micro_batch(self, micro: int) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch (critic first, then the generator against the frozen
@@ -183,40 +156,8 @@ class Trainer:
         if self.disc is not None:
             self.disc.requires_grad_(True)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"train: non-finite loss at update {self.step}: {_fmt_terms(terms)}")
+            raise FloatingPointError(f"train: non-finite loss at update {self.step}: {fmt_terms(terms)}")
         return terms
-
-    def update(self) -> dict[str, float]:
-        """One update: ``grad_accum`` micro-batches (all but the last under ``no_sync``, so the last one's
-        backward all-reduces), then one step of every optimiser. Returns the mean loss terms."""
-        sums: dict[str, float] = {}
-        for micro in range(self.cfg.grad_accum):
-            with ExitStack() as stack:
-                if micro < self.cfg.grad_accum - 1:
-                    for w in self.wrappers:
-                        stack.enter_context(no_sync(w))
-                terms = self.micro_batch(micro)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
-        for part in reversed(self.parts):  # critic first, as its gradients were
-            for p in part.module.parameters():
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            part.optimizer.step()
-            part.optimizer.zero_grad(set_to_none=True)
-            part.scheduler.step()
-            # BN running statistics of the critic differ per process; keep the replicas identical
-            self.pg.average_([b for b in part.module.buffers() if b.is_floating_point()])
-        self.step += 1
-        return sums
-
-    def log_progress(self, sums: dict[str, float], rate: float) -> None:
-        cfg = self.cfg
-        line = {"update": self.step, **sums, "lr": self.parts[0].scheduler.get_last_lr()[0]}
-        append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), line)
-        eta = (cfg.updates - self.step) / rate if rate > 0 else float("inf")
-        self.log(f"[{self.step}/{cfg.updates}] {_fmt_terms(sums)} | lr {line['lr']:.2e} | {rate:.2f} upd/s | "
-                 f"ETA {_fmt_eta(eta)}")
 
     def validate(self) -> None:
         cfg = self.cfg
@@ -224,37 +165,9 @@ class Trainer:
         levels = result.levels()
         psnr_value, ssim_value = result.mean(levels[0] if levels else None)
         where = f" (reference level {levels[0]})" if levels else ""
-        self.log(f"[{self.step}/{cfg.updates}] validation{where}: PSNR {psnr_value:.3f} dB, "
-                 f"SSIM {ssim_value:.4f}")
-        append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"),
-                     {"update": self.step, "val_psnr": psnr_value, "val_ssim": ssim_value})
+        self.log_validation({"val_psnr": psnr_value, "val_ssim": ssim_value},
+                            f"PSNR {psnr_value:.3f} dB, SSIM {ssim_value:.4f}", where)
         self.last_val = psnr_value
-
-    def save(self) -> None:
-        save_checkpoint(self.cfg.out_dir, self.cfg.to_dict(), self.pg.world, self.step, self.parts,
-                        WEIGHTS_NAME)
-
-    def run(self, end: int) -> TrainState:
-        """Updates until ``end``, with progress, validation and checkpoints at their intervals."""
-        cfg, pg = self.cfg, self.pg
-        self.model.train()
-        if self.disc is not None:
-            self.disc.train()
-        t0, step0 = time.time(), self.step
-        while self.step < end:
-            sums = self.update()
-            last = self.step == end
-            if pg.main and cfg.log_every and (self.step % cfg.log_every == 0 or last):
-                self.log_progress(sums, (self.step - step0) / max(time.time() - t0, 1e-9))
-            if cfg.val_data and cfg.val_every and (self.step % cfg.val_every == 0 or last):
-                if pg.main:
-                    self.validate()
-                pg.barrier()
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                if pg.main:
-                    self.save()
-                pg.barrier()
-        return TrainState(model=self.model, disc=self.disc, step=self.step, last_val_psnr=self.last_val)
 
 
 def train(
@@ -277,24 +190,10 @@ def train(
             map ``(lr [B,3,h,w], ref [B,3,H,W])`` to ``[B,3,4h,4w]`` and hold its trained part as ``.net``.
         log: where progress lines go on the main process (default: print).
     """
-    device_kind = (
-        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    pg = ProcessGroup(device_kind)
-    try:
-        return _run(Trainer(cfg, pg, model_factory or (lambda kwargs: AMSA(**kwargs)), log or print),
-                    resume, cfg.updates if stop_after is None else min(cfg.updates, stop_after))
-    finally:
-        pg.close()
-
-
-def _run(trainer: Trainer, resume: str | None, end: int) -> TrainState:
-    # The trainer (and its DDP wrappers) is released when this returns, before the process group is
-    # destroyed: a DDP reducer outliving its group aborts the process at exit.
-    if resume is not None:
-        trainer.resume(resume)
-    trainer.prepare()
-    return trainer.run(end)
+    factory = model_factory or (lambda kwargs: AMSA(**kwargs))
+    return launch(cfg, lambda pg: Trainer(cfg, pg, factory, log or print),
+                  lambda t: TrainState(model=t.model, disc=t.disc, step=t.step, last_val_psnr=t.last_val),
+                  resume=resume, stop_after=stop_after)
 
 
 def main_train(config: str, *, resume: str | None = None, out_dir: str | None = None) -> int:

@@ -238,3 +238,24 @@ def test_eval_self_reference_folder(run, tmp_path):
     assert main(argv) == 0
     with pytest.raises(SystemExit, match="no such folder"):
         main(argv[:4] + [str(tmp_path / "nope")] + argv[5:])
+
+
+def test_train_extractor_and_eval_extractor(tmp_path, capsys):
+    """Both extractor commands end to end on the tiny preset; a bad config fails with one line."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = os.path.join(repo, "configs", "tiny_extractor.json")
+    assert main(["train-extractor", "--config", cfg, "--out", str(tmp_path / "ext")]) == 0
+    weights = tmp_path / "ext" / "feature_extraction.pth"
+    assert weights.is_file() and (tmp_path / "ext" / "checkpoint.pt").is_file()
+    capsys.readouterr()
+    assert main(["eval-extractor", "--config", cfg, "--feature-weights", str(weights),
+                 "--json", str(tmp_path / "acc.json")]) == 0
+    text = capsys.readouterr().out
+    assert "filter bank" in text and "random shared" in text
+    got = json.loads((tmp_path / "acc.json").read_text())
+    assert set(got) >= {"learned", "filter bank", "random", "random shared"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"out_dir": str(tmp_path / "x"), "stage": "student", "train_data": {
+        "kind": "photos", "folder": "@sample"}}))
+    with pytest.raises(SystemExit, match="teacher_weights"):
+        main(["train-extractor", "--config", str(bad)])

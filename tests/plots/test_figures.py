@@ -48,7 +48,7 @@ def test_fig5_mse_never_increases_at_full_resolution(fig5):
             top = max(level for level, *_ in run)
             fine = [mse for level, _, _, mse, _ in run if level == top]
             assert len(fine) >= 5 and all(b <= a + 1e-12 for a, b in zip(fine, fine[1:])), (method, seed)
-            assert run[-1][3] < run[0][3] / 100  # and it converges far below the random start
+            assert run[-1][3] < run[0][3] / 50  # and it converges far below the random start
     full = _runs(rows, "PatchMatch 1 (full)")
     for run in full.values():
         assert [it for _, it, *_ in run] == list(range(11))
@@ -129,3 +129,31 @@ def test_fig7_sr_psnr_with_weights(tmp_path):
         got = list(csv.DictReader(f))
     assert [r["variant"] for r in got] == ["single-scale", "multi-scale n=5 k=0.8"]
     assert all(5 < float(r["psnr"]) < 60 for r in got) and got[0]["psnr"] != got[1]["psnr"]
+
+
+def test_fig5_causes_runner_is_cfe_patchmatch():
+    """The experiment runner without a change is cfe_patchmatch (positions and FLOPs); each variant
+    spends what it says (more candidates, more FLOPs) and never ends below its start."""
+    import amsa
+    from plots.fig5_causes import VARIANTS, Variant, run_schedule
+    from tests.support.references import smooth_features
+
+    q, r = smooth_features(1, 8, 40, 36, seed=4), smooth_features(1, 8, 44, 38, seed=5)
+    for iters in ((1, 1, 2, 6), (10,), (1, 1, 1, 4)):
+        m = amsa.cfe_patchmatch(q, r, iters, seed=3, backend="torch")
+        pos, flops = run_schedule(q, r, Variant("as is", iters=iters), 3)
+        assert torch.equal(pos, m.pos) and flops == m.flops
+    base = amsa.cfe_patchmatch(q, r, (1, 1, 2, 6), seed=3, backend="torch")
+    for v in VARIANTS[1:6]:
+        pos, flops = run_schedule(q, r, v, 3)
+        assert pos.shape == base.pos.shape and (flops > base.flops) == (v.dilation_rule != "descending"), v
+
+
+def test_fig5_causes_quick(tmp_path):
+    from plots.fig5_causes import VARIANTS, main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "convergence_causes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == [v.name for v in VARIANTS] + ["enumerated (exact)"]
+    assert all(0 <= float(r["within_in"]) <= 100 for r in rows)
