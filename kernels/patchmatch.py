@@ -7,7 +7,7 @@ border is the paper's zero padding; zero channels add nothing to an inner produc
     query  [B, Hq+2, Wq+2, CP] (fp32/fp16/bf16), qnorm [B, Hq, Wq] fp32 patch norms;
     ref    the references of the level, each [B, Hr+2, Wr+2, CP], flattened and concatenated; rnorm
            their [B, Hr, Wr] norms flattened and concatenated;
-    ref_meta int64 [R, 4]: (first element of reference r in ref, first element in rnorm, Hr, Wr);
+    ref_meta int64 [R, 4]: (first padded pixel of reference r in ref, first element in rnorm, Hr, Wr);
     pos    int64 [R, B, Hq, Wq, 2] (y, x), score fp32 [R, B, Hq, Wq].
 
 A program owns a TH x TW tile of query pixels of one (batch, reference): grid (tiles, B, R), every
@@ -180,7 +180,7 @@ def _tile(query_ptr, qnorm_ptr, ref_meta_ptr, B, Hq, Wq,
     ch = _channels(CR, CL)
     q = _query_patch(q_base, (qy + 1) * qrow + (qx + 1) * CP, ch, qrow, CP, PAIRS)
     qn = tl.load(qnorm_ptr + b.to(tl.int64) * Hq * Wq + (qy * Wq + qx))
-    r_first = tl.multiple_of(tl.load(ref_meta_ptr + 4 * r), CP)  # blocks of whole padded maps
+    r_first = tl.load(ref_meta_ptr + 4 * r) * CP  # in elements of ref_ptr (words for bf16 pairs)
     n_first = tl.load(ref_meta_ptr + 4 * r + 1)
     Hr = tl.load(ref_meta_ptr + 4 * r + 2).to(tl.int32)
     Wr = tl.load(ref_meta_ptr + 4 * r + 3).to(tl.int32)

@@ -28,10 +28,10 @@ class TritonLevel:
         padded = [pad_map(r, cp).view(-1) for r in refs]
         self.ref = torch.cat(padded) if len(padded) > 1 else padded[0]
         self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
-        first = [0]
-        first_n = [0]
+        first = [0]  # first padded pixel of each reference in self.ref
+        first_n = [0]  # its first norm in self.rnorm
         for p, r in zip(padded, refs):
-            first.append(first[-1] + p.numel())
+            first.append(first[-1] + p.numel() // cp)
             first_n.append(first_n[-1] + r.shape[0] * r.shape[2] * r.shape[3])
         self.ref_meta = torch.tensor([[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_n, refs)],
                                      dtype=torch.int64, device=query.device)

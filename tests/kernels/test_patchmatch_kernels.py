@@ -56,9 +56,15 @@ def test_triton_non_contiguous_and_channels_last():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
-    q = torch.randn(1, 6, 9, 10, device=TRITON_DEVICE).to(dtype)
-    r = torch.randn(1, 6, 11, 9, device=TRITON_DEVICE).to(dtype)
-    _same(*_both(q, r, iters=(1,)), q, r)  # both accumulate the same rounded inputs in fp32
+    """Batch 2, two references of different sizes in one launch, odd channels (bf16 maps are read as
+    int32 pairs of channels, so a reference's offset must be counted in the kernel's units)."""
+    q = torch.randn(2, 7, 9, 10, device=TRITON_DEVICE).to(dtype)
+    refs = [torch.randn(2, 7, 11, 9, device=TRITON_DEVICE).to(dtype),
+            torch.randn(2, 7, 6, 13, device=TRITON_DEVICE).to(dtype)]
+    ts = amsa.cfe_patchmatch(q, refs, iters=(1,), backend="torch")
+    ks = amsa.cfe_patchmatch(q, refs, iters=(1,), backend="triton")
+    for t, k, r in zip(ts, ks, refs):
+        _same(t, k, q, r)  # both accumulate the same rounded inputs in fp32
 
 
 def test_triton_zero_patches_and_borders():
