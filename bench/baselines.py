@@ -124,9 +124,10 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
 
 
 def patch_rows(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Normalised 3x3 patch rows [B, h*w, 9C] of features [B, C, h, w] in the dtype of ``precision``:
-    the operands of the matmul baselines."""
-    return unfold_normalised(x).to(_rows_dtype(precision))
+    """Normalised 3x3 patch rows [B, h*w, 9C] of features [B, C, h, w] in the dtype of ``precision``,
+    row-major (the layout the fused kernel reads with 16-byte vectors; 9C is a multiple of 16 for C a
+    multiple of 16): the operands of the matmul baselines."""
+    return unfold_normalised(x).to(_rows_dtype(precision)).contiguous()
 
 
 @torch.no_grad()
