@@ -20,7 +20,8 @@ from tests.support.tolerances import assert_close, assert_close_lowp
 interpret = pytest.mark.interpret
 
 
-TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide"]
+TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide",
+                "wide_out"]
 
 
 @needs_triton
