@@ -2,7 +2,7 @@
 
     python -m bench.sm90                      # all named cases -> bench/results/sm90.csv
     python -m bench.sm90 --cases patchmatch   # cases whose name contains 'patchmatch'
-    python -m bench.sm90 --label before --csv out/sm90_before.csv
+    python -m bench.sm90 --label after        # replaces the 'after' rows, keeps the others ('before')
 
 No GPU is needed. The real launchers (``amsa.matching.triton_backend.TritonLevel``, the ``amsa::`` ops of
 ``kernels/``) are called on CPU tensors of the named real shapes while Triton's active driver is a stand-in
@@ -119,7 +119,8 @@ def capture() -> Iterator[list[Launch]]:
         for p in fn.params:  # defaults
             bound.setdefault(p.name, p.default)
         g = grid(bound) if callable(grid) else grid
-        launches.append(Launch(self, signature, constexprs, options, attrs, bound, tuple(g) + (1,) * (3 - len(g))))
+        g = tuple(g) + (1,) * (3 - len(g))
+        launches.append(Launch(self, signature, constexprs, options, attrs, bound, g))
         return None  # not compiled here, not launched
 
     def every_config(self, *args, **kwargs):
@@ -201,12 +202,19 @@ def _enumerated(size: int, C: int, precision: str):
     return run
 
 
-def cases() -> dict[str, Callable[[], None]]:
-    """Named cases: the paper's PatchMatch shape, AMSA's deformable convolutions, the enumerated kernel."""
+# The CI test's subset (tests/kernels/test_sm90_static.py): every kernel and every shipped config in both
+# dtypes, both forms of the deformable forward (channel blocks inside an offset group, and offset groups
+# packed into a block), odd and 16-divisible map sizes; PatchMatch at dilation 2 only.
+CI_CASES = ("patchmatch", "deform B=9 C=256 40x40 G=1", "deform B=9 C=64 160x160 G=8", "enumerated")
+
+
+def cases(ci: bool = False) -> dict[str, Callable[[], None]]:
+    """Named cases: the paper's PatchMatch shape (a step at dilation 1, which Triton specialises, and at
+    2), AMSA's deformable convolutions, the enumerated kernel. ``ci``: the CI subset."""
     out = {}
     for dt in (torch.float32, torch.bfloat16):
         name = str(dt).removeprefix("torch.")
-        out[f"patchmatch 250x250 C=256 {name}"] = _patchmatch(250, 256, dt)
+        out[f"patchmatch 250x250 C=256 {name}"] = _patchmatch(250, 256, dt, (2,) if ci else (1, 2))
     for C, hw in ((256, 40), (128, 80), (64, 160)):
         for G in (1, 8):
             for dt in (torch.bfloat16, torch.float32):
@@ -214,6 +222,8 @@ def cases() -> dict[str, Callable[[], None]]:
                 out[f"deform B=9 C={C} {hw}x{hw} G={G} {name}"] = _deform(9, C, hw, G, dt)
     for precision in ("bf16", "tf32"):
         out[f"enumerated 250x250 C=256 {precision}"] = _enumerated(250, 256, precision)
+    if ci:
+        out = {k: v for k, v in out.items() if k.startswith(CI_CASES)}
     return out
 
 
@@ -292,32 +302,35 @@ def analyse(launch: Launch, kernel) -> dict:
         "num_stages": launch.options.num_stages, "grid": "x".join(map(str, launch.grid)),
         "registers": res["reg"], "spill_bytes": px["spill_stores"] + px["spill_loads"], "stack": res["stack"],
         "shared": kernel.metadata.shared, "local": res["local"], "warps_per_sm": per_sm,
-        "occupancy_pct": round(100 * per_sm / sass.SM90["warps"]), "sass": counts["sass"], "ldg": counts["ldg"],
+        "occupancy_pct": round(100 * per_sm / sass.SM90["warps"]), "sass": counts["sass"],
+        "ldg": counts["ldg"],
         "ldg128": counts["ldg128"], "atomics": counts["atomics"], "atomics_vec": counts["atomics_vec"],
         "tensor_core": counts["tensor_core"], "local_instr": counts["local"], "ffma": counts["ffma"],
         "shfl": counts["shfl"], "bar": counts["bar"],
         "loop_nest": sass.nest_string(instrs, sass.loops(instrs)),
     }
     if px["registers"] != res["reg"]:
-        raise RuntimeError(f"{launch.name}: ptxas -v says {px['registers']} registers, the cubin {res['reg']}")
+        raise RuntimeError(f"{launch.name}: ptxas -v: {px['registers']} registers, the cubin {res['reg']}")
     desc = work(launch)
     dyn = sass.dynamic_count(instrs, desc[0]) if desc else None
     if desc and dyn is not None:
         programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+        issue_per_us = H200_SMS * ISSUE_PER_CLK * H200_CLOCK_GHZ * 1e3
         row.update(dyn_per_warp=round(dyn), unit=desc[2], units_per_warp=desc[1],
                    sass_per_unit=round(dyn / desc[1], 1),
-                   issue_us=round(programs * warps * dyn / (H200_SMS * ISSUE_PER_CLK * H200_CLOCK_GHZ * 1e3), 1))
+                   issue_us=round(programs * warps * dyn / issue_per_us, 1))
     return row
 
 
-def run(names: list[str] | None = None, label: str = "", log=print) -> list[dict]:
-    """Rows for the named cases (all if None); identical specialisations are compiled once."""
+def run(names: list[str] | None = None, label: str = "", log=print, ci: bool = False) -> list[dict]:
+    """Rows for the named cases (all if None; ``ci``: the CI subset); identical specialisations are
+    compiled once."""
     import triton
 
     compiled: dict[tuple, tuple] = {}
     rows = []
     stamp = {"label": label, "triton": triton.__version__, "commit": git_commit()}
-    for case, fn in cases().items():
+    for case, fn in cases(ci).items():
         if names and not any(n in case for n in names):
             continue
         torch.manual_seed(0)
@@ -348,8 +361,8 @@ def check(rows: list[dict]) -> list[str]:
     for r in rows:
         what = f"{r['case']}: {r['kernel']} [{r['variant']}, w{r['num_warps']} s{r['num_stages']}]"
         if int(r["spill_bytes"]) or int(r["local"]) or int(r["local_instr"]) or int(r["stack"]):
-            problems.append(f"{what}: spills {r['spill_bytes']} B, stack {r['stack']} B, local {r['local']} B, "
-                            f"{r['local_instr']} LDL/STL")
+            problems.append(f"{what}: spills {r['spill_bytes']} B, stack {r['stack']} B, "
+                            f"local {r['local']} B, {r['local_instr']} LDL/STL")
         if int(r["ldg128"]) < VECTOR_GATHERS.get(r["kernel"], 0):
             problems.append(f"{what}: {r['ldg128']} 128-bit global loads, fewer than its gathers need "
                             f"({VECTOR_GATHERS[r['kernel']]}): scalar gathers")
@@ -386,12 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     parser.add_argument("--label", default="", help="label column (e.g. before / after)")
     parser.add_argument("--csv", default=str(SM90_CSV))
-    parser.add_argument("--append", action="store_true", help="append to the CSV instead of replacing it")
+    parser.add_argument("--ci", action="store_true", help="the CI test's subset of the cases")
     args = parser.parse_args(argv)
-    rows = run([c for c in args.cases.split(",") if c] or None, args.label)
+    rows = run([c for c in args.cases.split(",") if c] or None, args.label, ci=args.ci)
     path = Path(args.csv)
-    if args.append and path.exists():
-        rows = read_csv(path) + rows
+    if path.exists():  # keep the other labels' rows (e.g. 'before'), and this label's other cases
+        redone = {(r["label"], r["case"]) for r in rows}
+        rows = [r for r in read_csv(path) if (r["label"], r["case"]) not in redone] + rows
     write_csv(rows, path)
     problems = check([r for r in rows if r["label"] == args.label])
     print(f"{len(rows)} rows written to {path}; {len(problems)} problems")

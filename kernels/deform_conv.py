@@ -175,7 +175,8 @@ def deform_conv2d_bwd(
         wrap_triton(_deform_conv_bwd_weight_kernel)[(split, base)](
             gout, x, off, msk, gw,
             B, H, W, HO, WO, c_per_g, cout_per_g, groups, G, split, *x.stride(), *convs,
-            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_C=block_c,
+            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, BLOCK_P=block_p, BLOCK_N=block_n,
+            BLOCK_C=block_c,
         )
         grad_weight = gw.sum(0).reshape(Cout, c_per_g, KH, KW).to(weight.dtype)
 

@@ -25,13 +25,15 @@ import triton
 import triton.language as tl
 
 from kernels._common import INTERPRET, dot
+from kernels.deform_sampling import blend_weights, corner_masks, corner_values, sample_block, sample_geometry
 
 
 def _one_config() -> list[triton.Config]:
     """8 warps, no software pipelining (the loads are gathers), and maxnreg=255: without it ptxas may aim
     at 128 registers for occupancy and spill instead (seen in fp32 at 64 channels)."""
-    return [triton.Config({}, num_warps=4 if INTERPRET else 8, num_stages=1, maxnreg=None if INTERPRET else 255)]
-from kernels.deform_sampling import blend_weights, corner_values, sample_block, sample_geometry
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=8, num_stages=1, maxnreg=255)]
 
 
 @triton.autotune(configs=_one_config(), key=[])
@@ -41,8 +43,9 @@ def _deform_conv_bwd_data_kernel(
     B, H, W, HO, WO, C_PER_G, COUT_PER_G, N_GROUPS, G, CSPLIT, NSEG,
     sxb, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    C_PER_OG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, NEED_GRAD_INPUT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ONE_N: tl.constexpr,
+    C_PER_OG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
+    NEED_GRAD_INPUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ONE_N: tl.constexpr,
 ):
     """grad_input, grad_offset and grad_mask in one pass (C_PER_OG a constexpr: the channel masks are then
     provably constant over 16 bytes, so the corner gathers are vectors even for narrow offset groups).
@@ -112,13 +115,14 @@ def _deform_conv_bwd_data_kernel(
                 for n0 in range(0, COUT_PER_G, BLOCK_N):
                     n = n0 + offs_n
                     n_ok = n < COUT_PER_G
-                    go = tl.load(go_b + n[None, :] * HOWO + offs_p[:, None], mask=p_ok[:, None] & n_ok[None, :],
-                                 other=0.0)
+                    go = tl.load(go_b + n[None, :] * HOWO + offs_p[:, None],
+                                 mask=p_ok[:, None] & n_ok[None, :], other=0.0)
                     wt = tl.load(w_c + n[:, None], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
                     gcol = dot(go, wt, gcol, IEEE)
 
-            v00, v01, v10, v11 = corner_values(x_b + c[None, :] * sxc, o00, sxh, sxw,
-                                               ok_h0, ok_h1, ok_w0, ok_w1, c_ok)
+            ok00, ok01, ok10, ok11 = corner_masks(ok_h0, ok_h1, ok_w0, ok_w1, c_ok)
+            v00, v01, v10, v11 = corner_values(x_b + c[None, :] * sxc, o00[:, None], sxh, sxw,
+                                               ok00, ok01, ok10, ok11)
             bil = hh[:, None] * (hw[:, None] * v00 + lw[:, None] * v01) + lh[:, None] * (
                 hw[:, None] * v10 + lw[:, None] * v11
             )
@@ -132,14 +136,12 @@ def _deform_conv_bwd_data_kernel(
                 gm_col = gcol * m[:, None]
                 gx_c = gx_b + (o00[:, None] + c[None, :] * sxc)
                 # Pure accumulation, read by nobody before the kernel ends: relaxed ordering suffices.
-                ln = c_ok[None, :]
                 top = hh[:, None] * gm_col
                 bot = lh[:, None] * gm_col
-                tl.atomic_add(gx_c, hw[:, None] * top, mask=(ok_h0 & ok_w0)[:, None] & ln, sem="relaxed")
-                tl.atomic_add(gx_c + sxw, lw[:, None] * top, mask=(ok_h0 & ok_w1)[:, None] & ln, sem="relaxed")
-                tl.atomic_add(gx_c + sxh, hw[:, None] * bot, mask=(ok_h1 & ok_w0)[:, None] & ln, sem="relaxed")
-                tl.atomic_add(gx_c + (sxh + sxw), lw[:, None] * bot, mask=(ok_h1 & ok_w1)[:, None] & ln,
-                              sem="relaxed")
+                tl.atomic_add(gx_c, hw[:, None] * top, mask=ok00, sem="relaxed")
+                tl.atomic_add(gx_c + sxw, lw[:, None] * top, mask=ok01, sem="relaxed")
+                tl.atomic_add(gx_c + sxh, hw[:, None] * bot, mask=ok10, sem="relaxed")
+                tl.atomic_add(gx_c + (sxh + sxw), lw[:, None] * bot, mask=ok11, sem="relaxed")
 
         ch = og * KK + k
         goff = goff_ptr + ((slot * B + b) * (2 * G * KK) + 2 * ch) * HOWO + offs_p

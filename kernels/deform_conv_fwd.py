@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import INTERPRET, dot
-from kernels.deform_sampling import blend_weights, sample_block, sample_geometry
+from kernels.deform_sampling import blend_weights, corner_values, sample_block, sample_geometry
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -83,17 +83,16 @@ def _packed_tap(acc, x_b, off_b, msk_b, w_k, k, og_lo, og_hi, c_grp, offs_p, ho,
         og = og0 + tl.arange(0, PACK)
         og_ok = og <= og_hi
         o00, lh, lw, m, ok_h0, ok_h1, ok_w0, ok_w1 = sample_geometry(
-            off_b, msk_b, og[None, :], k, offs_p[:, None], ho[:, None], wo[:, None], p_ok[:, None] & og_ok[None, :],
-            H, W, HOWO, sxh, sxw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, HAS_MASK)
+            off_b, msk_b, og[None, :], k, offs_p[:, None], ho[:, None], wo[:, None],
+            p_ok[:, None] & og_ok[None, :], H, W, HOWO, sxh, sxw, stride_h, stride_w, pad_h, pad_w,
+            dil_h, dil_w, KH, KW, HAS_MASK)
         a00, a01, a10, a11 = blend_weights(lh, lw, m)
         c = og[None, :, None] * C_PER_OG + tl.arange(0, C_PER_OG)[None, None, :]  # [1, PACK, C_PER_OG]
         x_c = x_b + c * sxc
-        o = o00[:, :, None]
-        v = a00[:, :, None] * tl.load(x_c + o, mask=(ok_h0 & ok_w0)[:, :, None], other=0.0).to(tl.float32)
-        v += a01[:, :, None] * tl.load(x_c + (o + sxw), mask=(ok_h0 & ok_w1)[:, :, None], other=0.0).to(tl.float32)
-        v += a10[:, :, None] * tl.load(x_c + (o + sxh), mask=(ok_h1 & ok_w0)[:, :, None], other=0.0).to(tl.float32)
-        v += a11[:, :, None] * tl.load(x_c + (o + sxh + sxw), mask=(ok_h1 & ok_w1)[:, :, None],
-                                       other=0.0).to(tl.float32)
+        v00, v01, v10, v11 = corner_values(x_c, o00[:, :, None], sxh, sxw, (ok_h0 & ok_w0)[:, :, None],
+                                           (ok_h0 & ok_w1)[:, :, None], (ok_h1 & ok_w0)[:, :, None],
+                                           (ok_h1 & ok_w1)[:, :, None])
+        v = a00[:, :, None] * v00 + a01[:, :, None] * v01 + a10[:, :, None] * v10 + a11[:, :, None] * v11
         cc = og0 * C_PER_OG + tl.arange(0, BLOCK_C)
         c_ok = cc < (og_hi + 1) * C_PER_OG
         wt = tl.load(w_k + (cc - c_grp)[:, None] * COUT_PER_G + offs_n[None, :],

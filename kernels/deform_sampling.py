@@ -77,18 +77,25 @@ def blend_weights(lh, lw, m):
 @triton.jit
 def sample_block(x_c, o00, a00, a01, a10, a11, sxh, sxw, ok_h0, ok_h1, ok_w0, ok_w1, lanes):
     """Modulated bilinear samples [P, C] (fp32) of the channels x_c [1, C] from a sample geometry."""
-    v00, v01, v10, v11 = corner_values(x_c, o00, sxh, sxw, ok_h0, ok_h1, ok_w0, ok_w1, lanes)
+    ok00, ok01, ok10, ok11 = corner_masks(ok_h0, ok_h1, ok_w0, ok_w1, lanes)
+    v00, v01, v10, v11 = corner_values(x_c, o00[:, None], sxh, sxw, ok00, ok01, ok10, ok11)
     return a00[:, None] * v00 + a01[:, None] * v01 + a10[:, None] * v10 + a11[:, None] * v11
 
 
 @triton.jit
-def corner_values(x_c, o00, sxh, sxw, ok_h0, ok_h1, ok_w0, ok_w1, lanes):
-    """The four corner values [P, C] (fp32) for channel pointers x_c [1, C]; zero where a corner does not
-    exist (or a lane is off)."""
-    o = o00[:, None]
-    ln = lanes[None, :]
-    v00 = tl.load(x_c + o, mask=(ok_h0 & ok_w0)[:, None] & ln, other=0.0).to(tl.float32)
-    v01 = tl.load(x_c + (o + sxw), mask=(ok_h0 & ok_w1)[:, None] & ln, other=0.0).to(tl.float32)
-    v10 = tl.load(x_c + (o + sxh), mask=(ok_h1 & ok_w0)[:, None] & ln, other=0.0).to(tl.float32)
-    v11 = tl.load(x_c + (o + sxh + sxw), mask=(ok_h1 & ok_w1)[:, None] & ln, other=0.0).to(tl.float32)
+def corner_values(x_c, o, sxh, sxw, ok00, ok01, ok10, ok11):
+    """The four corner values (fp32) at channel pointers x_c and top-left offsets o (broadcast to one
+    shape, channels last); zero where a corner's mask ok.. is off (no corner, or an unused lane)."""
+    v00 = tl.load(x_c + o, mask=ok00, other=0.0).to(tl.float32)
+    v01 = tl.load(x_c + (o + sxw), mask=ok01, other=0.0).to(tl.float32)
+    v10 = tl.load(x_c + (o + sxh), mask=ok10, other=0.0).to(tl.float32)
+    v11 = tl.load(x_c + (o + sxh + sxw), mask=ok11, other=0.0).to(tl.float32)
     return v00, v01, v10, v11
+
+
+@triton.jit
+def corner_masks(ok_h0, ok_h1, ok_w0, ok_w1, lanes):
+    """Masks [P, C] of the four corners for per-pixel corner flags [P] and channel lanes [C]."""
+    ln = lanes[None, :]
+    return ((ok_h0 & ok_w0)[:, None] & ln, (ok_h0 & ok_w1)[:, None] & ln, (ok_h1 & ok_w0)[:, None] & ln,
+            (ok_h1 & ok_w1)[:, None] & ln)

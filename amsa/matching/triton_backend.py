@@ -33,8 +33,8 @@ class TritonLevel:
         for p, r in zip(padded, refs):
             first.append(first[-1] + p.numel() // cp)
             first_n.append(first_n[-1] + r.shape[0] * r.shape[2] * r.shape[3])
-        self.ref_meta = torch.tensor([[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_n, refs)],
-                                     dtype=torch.int64, device=query.device)
+        meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_n, refs)]
+        self.ref_meta = torch.tensor(meta, dtype=torch.int64, device=query.device)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for positions [R, B, hq, wq, 2] -> scores [R, B, hq, wq]."""
