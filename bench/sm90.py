@@ -240,8 +240,9 @@ def work(launch: Launch) -> tuple[list[float], float, str] | None:
         if "BLOCK_P" in a:  # the design before issue 12: loops over candidates, taps, channel blocks
             trips = [8, 9, _cdiv(a["C"], a["BLOCK_C"])][-2 - (taps > 9):]
             px, ch = a["BLOCK_P"] / warps, a["C"]
-        else:  # candidates and taps unrolled
-            trips, px, ch = [], a["TH"] * a["TW"] / warps, a["CR"] * a["CL"]
+        else:  # candidates and taps unrolled; bf16 maps are read as int32 words of two channels
+            pairs = launch.signature["query_ptr"] == "*i32"
+            trips, px, ch = [], a["TH"] * a["TW"] / warps, a["CR"] * a["CL"] * (2 if pairs else 1)
         return trips, taps, f"candidate-tap of {px:g} px x {ch} ch"
     if name == "_deform_conv_fwd_kernel":
         unit = f"tap x {a['BLOCK_C']} ch x {a['BLOCK_P']} px x {a['BLOCK_N']} out"
@@ -249,6 +250,8 @@ def work(launch: Launch) -> tuple[list[float], float, str] | None:
             cb = _cdiv(a["C_PER_G"], a["BLOCK_C"])
             return [9, cb, 1], 9 * cb, unit
         n_og = _cdiv(a["C_PER_G"], a["C_PER_OG"]) if a["C_PER_G"] >= a["C_PER_OG"] else 1
+        if a.get("PACK", 1) > 1:  # taps x blocks of PACK whole offset groups
+            return [9, _cdiv(n_og, a["PACK"])], 9 * _cdiv(n_og, a["PACK"]), unit
         cb = _cdiv(min(a["C_PER_G"], a["C_PER_OG"]), a["BLOCK_C"])
         return [9, n_og, cb], 9 * n_og * cb, unit  # taps x offset groups x their channel blocks
     if name == "_deform_conv_bwd_data_kernel":
@@ -273,20 +276,19 @@ def work(launch: Launch) -> tuple[list[float], float, str] | None:
 
 # ------------------------------------------------------------------------------------------ analysis
 
-_PARAMS = ("BLOCK_P", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_K", "TILE_H", "TILE_W", "CH", "CR", "IEEE",
-           "OFFSET_CORRECTED", "k", "HAS_MASK", "NEED_GRAD_INPUT", "B")
+_PARAMS = ("BLOCK_P", "BLOCK_N", "BLOCK_C", "BLOCK_M", "BLOCK_K", "TH", "TW", "CR", "CL", "PACK", "ONE_N",
+           "C_PER_OG", "IEEE", "OFFSET_CORRECTED", "k", "WIDE", "HAS_MASK", "NEED_GRAD_INPUT", "B")
 
 
 def _variant(launch: Launch) -> str:
-    shown = [f"{k}={launch.args[k]}" for k in _PARAMS if k in launch.args and (k, launch.args[k]) and (
-        launch.signature.get(k) == "constexpr")]
-    return " ".join(shown)
+    return " ".join(f"{k}={launch.args[k]}" for k in _PARAMS
+                    if k in launch.args and launch.signature.get(k) == "constexpr")
 
 
 def _dtype(launch: Launch) -> str:
     for k, v in launch.signature.items():
         if k.startswith(("x_", "query", "q_", "go_")) and v.startswith("*"):
-            return v[1:]
+            return "bf16" if v == "*i32" else v[1:]  # PatchMatch reads bf16 maps as int32 pairs
     return ""
 
 
