@@ -16,8 +16,9 @@ registers across all 16 candidates; a candidate costs 9 unmasked 16-byte-vector 
 multiply-adds kept per lane over the 9 taps, and one reduction. Tensors are [CR, P, CL]: lanes (and
 16-byte vectors) run along CL channels, CR channel rows stay in each lane's registers, so that a pixel
 sits in one warp (P = pixels of the tile, one or more per warp) and the reduction never leaves it.
-Element offsets are int32 from one int64 base per (batch, reference) plane (WIDE: int64 offsets, for
-planes of 2^31 elements or more). One launch is one propagation step; positions are read from one buffer
+Addresses come from one int64 base per (batch, reference) plane: a patch centre's offset in its plane is
+int32 (WIDE: int64, for maps of 2^31 elements or more), the tap and channel offsets are added in 64 bits,
+so that they fold into the loads' immediate fields (sign-extended int32 sums would not). One launch is one propagation step; positions are read from one buffer
 and written to another, so no program reads what another writes (race-free).
 """
 
@@ -184,7 +185,7 @@ def _tile(query_ptr, qnorm_ptr, ref_meta_ptr, B, Hq, Wq,
     n_first = tl.load(ref_meta_ptr + 4 * r + 1)
     Hr = tl.load(ref_meta_ptr + 4 * r + 2).to(tl.int32)
     Wr = tl.load(ref_meta_ptr + 4 * r + 3).to(tl.int32)
-    r_plane = r_first + b.to(tl.int64) * ((Hr + 2) * (Wr + 2) * CP)
+    r_plane = r_first + b.to(tl.int64) * ((Hr + 2).to(tl.int64) * (Wr + 2) * CP)
     n_plane = n_first + b.to(tl.int64) * (Hr * Wr)
     state = (r.to(tl.int64) * B + b) * Hq * Wq  # first pixel of (r, b) in pos / score
     return py, px, inb, q, qn, Hr, Wr, r_plane, n_plane, state, ch
