@@ -67,8 +67,10 @@ print("PROBLEMS", sm90.check([row]))
 """
 
 
-def test_checker_flags_a_spilling_kernel():
-    proc = run_python(["-c", _SPILLING], timeout=600)
+def test_checker_flags_a_spilling_kernel(tmp_path):
+    script = tmp_path / "spilling.py"  # Triton reads a jit function's source from its file
+    script.write_text(_SPILLING)
+    proc = run_python([str(script)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBLEMS"))
     assert "spills" in line and "_spilling_kernel" in line, line
