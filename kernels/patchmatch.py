@@ -13,13 +13,14 @@ border is the paper's zero padding; zero channels add nothing to an inner produc
 A program owns a TH x TW tile of query pixels of one (batch, reference): grid (tiles, B, R), every
 reference of the level in one launch. Each pixel's 3x3xCP query patch is loaded once and held in
 registers across all 16 candidates; a candidate costs 9 unmasked 16-byte-vector row gathers, fp32
-multiply-adds kept per lane over the 9 taps, and one reduction. Tensors are [CR, P, CL]: lanes (and
-16-byte vectors) run along CL channels, CR channel rows stay in each lane's registers, so that a pixel
-sits in one warp (P = pixels of the tile, one or more per warp) and the reduction never leaves it.
-Addresses come from one int64 base per (batch, reference) plane: a patch centre's offset in its plane is
-int32 (WIDE: int64, for maps of 2^31 elements or more), the tap and channel offsets are added in 64 bits,
-so that they fold into the loads' immediate fields (sign-extended int32 sums would not). One launch is one propagation step; positions are read from one buffer
-and written to another, so no program reads what another writes (race-free).
+multiply-adds kept per lane over the 9 taps, and one reduction. A tap row is [CR, P, CL] (or [P, CR, CL],
+see ``_TAPS_OUTER``): lanes (and 16-byte vectors) run along CL channels, CR channel rows stay in each
+lane's registers, so that a pixel sits in one warp (P = pixels of the tile, one or more per warp) and the
+reduction never leaves it. Addresses come from one int64 base per (batch, reference) plane: a patch
+centre's offset in its plane is int32 (WIDE: int64, for maps of 2^31 elements or more), the tap and
+channel offsets are added in 64 bits, so that they fold into the loads' immediate fields (sign-extended
+int32 sums would not). One launch is one propagation step; positions are read from one buffer and
+written to another, so no program reads what another writes (race-free).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ import triton.language as tl
 from kernels._common import INTERPRET, alloc, alloc_like
 
 _INT32_MAX = 2**31 - 1
+# Where a tile's pixel axis goes. Triton gives the lanes to the channel axis (the only contiguous one) and
+# the warps to the next axis in its order, and that order breaks the tie between the other axes the
+# other way round from 3.7 on (seen on the sm_90 compile of 3.6, 3.7, 3.8 and 3.9): the pixel axis is
+# put where each version hands out the warps, so that a pixel's taps and channel rows stay in its lanes'
+# registers ([taps, CR, P, CL] from 3.7 on, [P, taps, CR, CL] before; the other order costs shared-memory
+# round trips and twice the instructions).
+_TAPS_OUTER = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7))
 _SMS = 132  # H200 multiprocessors: the launcher shrinks tiles when a level has too few of them to fill
 
 
@@ -69,17 +77,48 @@ def pad_map(x: torch.Tensor, cp: int) -> torch.Tensor:
 
 @triton.jit
 def _channels(CR: tl.constexpr, CL: tl.constexpr):
-    """Channel offsets [CR, 1, CL] of one tap row."""
-    return tl.arange(0, CR)[:, None, None] * CL + tl.arange(0, CL)[None, None, :]
+    """Channel offsets of one tap row: [CR, 1, CL] (the pixel axis in the middle), or [1, CR, CL]."""
+    if _TAPS_OUTER:  # one return after the branches: Triton visits code after a taken static branch
+        ch = tl.arange(0, CR)[:, None, None] * CL + tl.arange(0, CL)[None, None, :]
+    else:
+        ch = tl.arange(0, CR)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]
+    return ch
+
+
+@triton.jit
+def _pixels(x):
+    """Per-pixel values [P] as a tap row's pixel axis."""
+    if _TAPS_OUTER:
+        y = x[None, :, None]
+    else:
+        y = x[:, None, None]
+    return y
+
+
+@triton.jit
+def _reduce(acc):
+    """A tap row [CR, P, CL] (or [P, CR, CL]) summed to [P]: registers, then the lanes of one warp."""
+    if _TAPS_OUTER:
+        s = tl.sum(tl.sum(acc, axis=2), axis=0)
+    else:
+        s = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return s
 
 
 @triton.jit
 def _unstack8(x):
-    """[8, CR, P, CL] (taps in each lane's registers) -> its 8 slices [CR, P, CL], register renaming only."""
-    x = tl.permute(x, (1, 2, 3, 0))
-    a, b = tl.split(tl.reshape(x, x.shape[:3] + [4, 2]))  # taps (0, 2, 4, 6), (1, 3, 5, 7)
-    a0, a1 = tl.split(tl.reshape(a, a.shape[:3] + [2, 2]))  # (0, 4), (2, 6)
-    b0, b1 = tl.split(tl.reshape(b, b.shape[:3] + [2, 2]))  # (1, 5), (3, 7)
+    """[8, CR, P, CL] (or [P, 8, CR, CL]; taps in each lane's registers) -> its 8 tap rows, register
+    renaming only."""
+    if _TAPS_OUTER:
+        x = tl.permute(x, (1, 2, 3, 0))
+    else:
+        x = tl.permute(x, (0, 2, 3, 1))
+    S0: tl.constexpr = x.shape[0]
+    S1: tl.constexpr = x.shape[1]
+    S2: tl.constexpr = x.shape[2]
+    a, b = tl.split(tl.reshape(x, (S0, S1, S2, 4, 2)))  # taps (0, 2, 4, 6), (1, 3, 5, 7)
+    a0, a1 = tl.split(tl.reshape(a, (S0, S1, S2, 2, 2)))  # (0, 4), (2, 6)
+    b0, b1 = tl.split(tl.reshape(b, (S0, S1, S2, 2, 2)))  # (1, 5), (3, 7)
     t0, t4 = tl.split(a0)
     t2, t6 = tl.split(a1)
     t1, t5 = tl.split(b0)
@@ -90,15 +129,18 @@ def _unstack8(x):
 @triton.jit
 def _patch(ptr, centre, ch, row, CP: tl.constexpr):
     """The 9 taps (raster order) of the 3x3 patches centred at element offsets centre [P] of a padded
-    map, each [CR, P, CL], from two unmasked gathers of whole tap rows ([8, CR, P, CL] and [CR, P, CL])."""
+    map, each a tap row [CR, P, CL] (:data:`_TAPS_OUTER`), from two unmasked gathers of whole tap rows."""
     # 64-bit offsets (one extension per patch): the tap and channel parts then fold into the loads'
     # immediate offsets, which sign-extended 32-bit element offsets would not allow.
-    centre = centre.to(tl.int64)[None, :, None]
+    centre = _pixels(centre.to(tl.int64))
     ch = ch.to(tl.int64)
     row = row.to(tl.int64)
     t = tl.arange(0, 8)
     taps = (t // 3 - 1) * row + (t % 3 - 1) * CP  # [8] element offsets of taps 0-7
-    first = tl.load(ptr + (taps[:, None, None, None] + (centre + ch)[None, :, :, :]))
+    if _TAPS_OUTER:
+        first = tl.load(ptr + (taps[:, None, None, None] + (centre + ch)[None, :, :, :]))
+    else:
+        first = tl.load(ptr + (taps[None, :, None, None] + (centre + ch)[:, None, :, :]))
     t0, t1, t2, t3, t4, t5, t6, t7 = _unstack8(first)
     t8 = tl.load(ptr + ((centre + (row + CP)) + ch))
     return t0, t1, t2, t3, t4, t5, t6, t7, t8
@@ -148,7 +190,7 @@ def _similarity(q, qn, ref_ptr, rnorm_ptr, cy, cx, Wr, ch, CP: tl.constexpr, PAI
         acc += q[2 * t] * lo
         if PAIRS:
             acc += q[2 * t + 1] * hi
-    dot = tl.sum(tl.sum(acc, axis=2), axis=0)
+    dot = _reduce(acc)
     rn = tl.load(rnorm_ptr + (cy * Wr + cx))
     den = qn * rn
     s = tl.where(den > 0, dot / tl.where(den > 0, den, 1.0), 0.0)
