@@ -7,7 +7,7 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench gpu-check gpu-test gpu-bench figures clean
+.PHONY: demo test lint bench gpu-check gpu-test gpu-bench gpu-short sm90 figures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -39,6 +39,15 @@ gpu-test:
 gpu-bench:
 	python3 -m bench.suite --time-budget-s 360
 	python3 -m plots.benchmarks
+
+# The short GPU check (issue 12): GPU tests at real sizes, compute-sanitizer, side-by-side timings into
+# bench/results/results.csv, all inside one 8-minute device call (logs in out/gpu_check).
+gpu-short:
+	bash bench/gpu_check.sh
+
+# Every kernel compiled for sm_90 as launched, read on paper (no GPU): bench/results/sm90.csv.
+sm90: $(VENV)/.installed
+	$(PY) -m bench.sm90 --label after
 
 # The convergence studies (paper Fig. 5, its causes, Fig. 7), regenerated into plots/figures/ (~25 min on 2
 # cores; Fig. 5's coffee and stereo pairs need scikit-image's photos: pip install -e ".[photos]").

@@ -123,6 +123,13 @@ def chunked_matmul_argmax(query: torch.Tensor, ref, *, precision: str = "bf16", 
     return out if many else out[0]
 
 
+def patch_rows(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Normalised 3x3 patch rows [B, h*w, 9C] of features [B, C, h, w] in the dtype of ``precision``,
+    row-major (the layout the fused kernel reads with 16-byte vectors; 9C is a multiple of 16 for C a
+    multiple of 16): the operands of the matmul baselines."""
+    return unfold_normalised(x).to(_rows_dtype(precision)).contiguous()
+
+
 @torch.no_grad()
 def matmul_argmax_fused(query: torch.Tensor, ref, *, precision: str = "bf16"):
     """:func:`chunked_matmul_argmax` as one fused Triton kernel (``kernels.enumerated.matmul_argmax``):
@@ -132,11 +139,11 @@ def matmul_argmax_fused(query: torch.Tensor, ref, *, precision: str = "bf16"):
 
     precision: "bf16" (bf16 rows, fp32 accumulation, fp32 output: no bf16 rounding of the scores), "tf32"
     or "fp32" (exact fp32 products). Ties: lowest flat index of the fp32 maximum."""
-    dtype = _rows_dtype(precision)
+    _rows_dtype(precision)
     refs, _, many = check_matching(query, ref)
     B, C, hq, wq = query.shape
-    qn = unfold_normalised(query).to(dtype)
-    found = matmul_argmax(qn, [unfold_normalised(r).to(dtype) for r in refs], tf32=precision == "tf32")
+    qn = patch_rows(query, precision)
+    found = matmul_argmax(qn, [patch_rows(r, precision) for r in refs], tf32=precision == "tf32")
     out = [_to_match(best, idx, hq, wq, r.shape[-1], enumerated_flops(B, C, (hq, wq), [r.shape[-2:]]))
            for (best, idx), r in zip(found, refs)]
     return out if many else out[0]

@@ -67,37 +67,41 @@ def run_matching(args, device: str, planner: Planner, log) -> list[dict]:
 
 
 def run_step(args, device: str, log) -> list[dict]:
-    """One fused propagation step (8 LR + 8 Ref candidates, dilation 1) alone, at the finest level of the
-    paper's shape: the Triton op on CUDA, the numba kernel on CPU, and the PyTorch path's step for
-    comparison."""
+    """One fused propagation step (8 LR + 8 Ref candidates) alone, at the finest level of the paper's
+    shape, at dilation 1 (which Triton specialises) and 2: the Triton op on CUDA (fp32 and bf16), the numba
+    kernel on CPU, and the PyTorch path's step for comparison."""
     from amsa.backends import numba_unavailable
     from amsa.matching.schedule import CANDIDATES_PER_STEP, evaluation_flops
     from amsa.matching.torch_backend import TorchLevels
 
     size, C = (32, 8) if args.quick else (250, 256)
-    q, (r,) = features("random", size, C, 1, 1, device)
+    q32, (r32,) = features("random", size, C, 1, 1, device)
     pos = torch.stack([torch.randint(0, size, (1, 1, size, size)) for _ in range(2)], -1).to(device)
     gflops = CANDIDATES_PER_STEP * evaluation_flops(1, C, (size, size)) / 1e9
-    levels = {"patchmatch_step/torch": TorchLevels}
+    levels = [("patchmatch_step/torch", TorchLevels, torch.float32)]
     if device == "cuda":
         from amsa.matching.triton_backend import TritonLevel
 
-        levels = {"patchmatch_step/triton": TritonLevel, **levels}
+        levels = [("patchmatch_step/triton", TritonLevel, dt) for dt in (torch.float32, torch.bfloat16)] + [
+            *levels]
     if numba_unavailable(torch.device(device), torch.float32) is None:
         from amsa.matching.cpu_backend import CPULevel
 
-        levels = {"patchmatch_step/numba": CPULevel, **levels}
+        levels = [("patchmatch_step/numba", CPULevel, torch.float32), *levels]
     rows = []
-    for name, make in levels.items():
-        level = make(q, [r])
+    for name, make, dtype in levels:
+        level = make(q32.to(dtype), [r32.to(dtype)])
         s = level.score_positions(pos)
-        step = lambda level=level, s=s: level.step(pos, s, 1, False)
-        t = measure(step, device, quick=args.quick)
-        log(f"step {name:<24} {size}x{size} C={C}: {t.p50_ms:.4f} ms ({t.p20_ms:.4f}-{t.p80_ms:.4f})")
-        rows.append({"bench": "step", "impl": name, "dtype": "float32", "data": "random", "batch": 1,
-                     "channels": C, "height": size, "width": size, "refs": 1, "status": "ok",
-                     "note": "one fused step: LR (8 candidates) + Ref (8 candidates) propagation, k = 1",
-                     "gflops": f"{gflops:.4f}", **t.fields()})
+        for k in (1, 2):
+            step = lambda level=level, s=s, k=k: level.step(pos, s, k, False)
+            t = measure(step, device, quick=args.quick)
+            dt = str(dtype).removeprefix("torch.")
+            log(f"step {name:<24} {dt:<9} k={k} {size}x{size} C={C}: {t.p50_ms:.4f} ms "
+                f"({t.p20_ms:.4f}-{t.p80_ms:.4f})")
+            rows.append({"bench": "step", "impl": name, "dtype": dt, "data": "random", "batch": 1,
+                         "channels": C, "height": size, "width": size, "refs": 1, "status": "ok",
+                         "note": f"one fused step: LR (8 candidates) + Ref (8 candidates), k = {k}",
+                         "gflops": f"{gflops:.4f}", **t.fields()})
     return rows
 
 

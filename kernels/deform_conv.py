@@ -5,9 +5,11 @@ Semantics are exactly those of ``torchvision.ops.deform_conv2d`` (written out in
 (C * kh * kw * Ho * Wo): the forward implicit GEMM (``kernels/deform_conv_fwd.py``), and the data and
 weight gradients (``kernels/deform_conv_bwd.py``); grad_bias is a plain reduction of grad_out.
 
-Input tensors are read through explicit strides (any layout, including channels-last and expanded
-grad_out); outputs are allocated contiguous inside the ops. Address arithmetic is done in int64 so tensors
-beyond 2**31 elements are safe.
+The kernels read the input channels-last (a copy unless it already is), so that the corners of a block of
+channels are 16-byte vectors; offsets, mask and grad_out contiguous (copies where they are not, e.g. an
+expanded grad_out). Outputs are allocated contiguous inside the ops; grad_input is accumulated in fp32
+channels-last and converted once. Addresses are int64 from the per-sample bases on, so tensors beyond
+2**31 elements are safe.
 """
 
 from __future__ import annotations
@@ -38,23 +40,37 @@ def _permuted_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _mask_args(mask: torch.Tensor | None, offset: torch.Tensor) -> tuple:
-    if mask is None:
-        return offset, 0, 0, 0, 0, 0
-    return (mask, *mask.stride(), 1)
-
-
-def _c_block(c: int, dtype: torch.dtype) -> int:
-    """Channel block: 16 when a segment is that short (less masked work); fp32 (IEEE dot, more
-    registers) always uses 16 in the data-gradient kernel to avoid spills."""
-    return 16 if c <= 16 or dtype == torch.float32 else 32
+    """(mask pointer, HAS_MASK): without a mask the offset stands in for the pointer (never read)."""
+    return (offset, 0) if mask is None else (mask.contiguous(), 1)
 
 
 def _n_block(n: int) -> int:
-    """Smallest power of two >= n within [16, 64] (plain comparisons: also fine for SymInts)."""
+    """Output channels of a program: all of a group's, as a power of two in [16, 256] (plain comparisons:
+    also fine for SymInts). The interpreter uses 16, so that small test shapes span several blocks."""
+    if INTERPRET:
+        return 16
     block = 16
-    while block < n and block < 64:
+    while block < n and block < 256:
         block *= 2
     return block
+
+
+def _p_block(block_c: int, elem: int) -> int:
+    """Positions per program of the backward kernels (8 warps): enough that each thread's share of a
+    [BLOCK_P, BLOCK_C] corner tile is a whole 16-byte vector."""
+    return max(64, 256 * 16 // (block_c * elem))
+
+
+def _segments(C: int, G: int, c_per_g: int) -> int:
+    """Most weight groups that one offset group's channels meet (1 unless groups and offset groups
+    interleave)."""
+    cpo = C // G
+    return max((og * cpo + cpo - 1) // c_per_g - og * cpo // c_per_g + 1 for og in range(G))
+
+
+def _programs_wanted(dev: torch.device) -> int:
+    """Programs that fill the GPU: four per multiprocessor (two in the interpreter, to test splitting)."""
+    return 2 if INTERPRET else 4 * torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 @triton_op("amsa::deform_conv2d_fwd", mutates_args=())
@@ -73,20 +89,20 @@ def deform_conv2d_fwd(
 ) -> torch.Tensor:
     """Forward of the modulated deformable convolution; returns out [B, Cout, Ho, Wo] (contiguous)."""
     B, C, H, W, HO, WO, Cout, c_per_g, cout_per_g, groups, G, KH, KW = _geometry(input, offset, weight)
+    x = input.contiguous(memory_format=torch.channels_last)
     wt = _permuted_weight(weight, groups)
     out = alloc((B, Cout, HO, WO), input.dtype, input.device)
-    msk, smb, smc, smh, smw, has_mask = _mask_args(mask, offset)
+    msk, has_mask = _mask_args(mask, offset)
+    block_n = _n_block(cout_per_g)
 
     def grid(meta):
-        tiles = triton.cdiv(HO * WO, meta["BLOCK_P"]) * triton.cdiv(cout_per_g, meta["BLOCK_N"])
-        return (B * groups * tiles,)
+        return (triton.cdiv(HO * WO, meta["BLOCK_P"]), B * groups * triton.cdiv(cout_per_g, block_n))
 
     wrap_triton(_deform_conv_fwd_kernel)[grid](
-        input, offset, msk, wt, bias if bias is not None else wt, out,
-        H, W, HO, WO, c_per_g, cout_per_g, C // G, groups,
-        *input.stride(), *offset.stride(), smb, smc, smh, smw,
+        x, offset.contiguous(), msk, wt, bias if bias is not None else wt, out,
+        H, W, HO, WO, c_per_g, cout_per_g, groups, G, *x.stride(),
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        KH=KH, KW=KW, HAS_MASK=has_mask, HAS_BIAS=int(bias is not None),
+        C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, HAS_BIAS=int(bias is not None), BLOCK_N=block_n,
     )
     return out
 
@@ -113,59 +129,54 @@ def deform_conv2d_bwd(
     B, C, H, W, HO, WO, Cout, c_per_g, cout_per_g, groups, G, KH, KW = _geometry(input, offset, weight)
     KK = KH * KW
     dev = input.device
-    msk, smb, smc, smh, smw, has_mask = _mask_args(mask, offset)
+    x = input.contiguous(memory_format=torch.channels_last)
+    gout = grad_out.contiguous()
+    off = offset.contiguous()
+    msk, has_mask = _mask_args(mask, off)
     convs = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    block_n = _n_block(cout_per_g)
+    p_tiles_of = lambda block_p: triton.cdiv(HO * WO, block_p)
     # Distinct empty tensors: outputs of a custom op must not alias each other.
     grad_input, grad_offset, grad_mask, grad_weight = (input.new_empty((0,)) for _ in range(4))
 
     if need_input or need_offset_mask:
         wt = _permuted_weight(weight, groups)
-        gx = torch.zeros((B, C, H, W), dtype=torch.float32, device=dev)
-        block_p = 16 if INTERPRET else 64
-        block_c = 16 if INTERPRET else _c_block(C // G, input.dtype)
-        base = B * G * triton.cdiv(HO * WO, block_p)
-        c_blocks = triton.cdiv(C // G, block_c)
-        if INTERPRET:
-            csplit = min(2, c_blocks)
-        else:
-            target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
-            csplit = max(1, min(c_blocks, triton.cdiv(target, base)))
-        # One split: final gradients written directly; several: fp32 partials summed below.
-        part_dtype = (lambda t: t.dtype) if csplit == 1 else (lambda t: torch.float32)
-        goff = alloc((csplit * B, 2 * G * KK, HO, WO), part_dtype(offset), dev)
-        gmsk = alloc((csplit * B, G * KK, HO, WO), part_dtype(mask), dev) if mask is not None else goff
-        wrap_triton(_deform_conv_bwd_data_kernel)[(base * csplit,)](
-            grad_out, input, offset, msk, wt, gx, goff, gmsk,
-            B, H, W, HO, WO, c_per_g, cout_per_g, C // G, G, csplit,
-            *grad_out.stride(), *input.stride(), *offset.stride(), smb, smc, smh, smw, *convs,
-            KH=KH, KW=KW, HAS_MASK=has_mask, NEED_GRAD_INPUT=int(bool(need_input)),
-            BLOCK_P=block_p, BLOCK_N=16 if INTERPRET else _n_block(cout_per_g), BLOCK_C=block_c,
-            num_warps=8,
+        gx = torch.zeros_like(x, dtype=torch.float32)  # channels-last, like x
+        block_c = 16 if INTERPRET or C // G <= 16 else 32
+        block_p = 16 if INTERPRET else _p_block(block_c, x.element_size())
+        nseg = _segments(C, G, c_per_g)
+        base = B * G * nseg * p_tiles_of(block_p)
+        csplit = max(1, min(triton.cdiv(C // G, block_c), triton.cdiv(_programs_wanted(dev), base)))
+        slots = csplit * nseg
+        # One slot: final gradients written directly; several: fp32 partials summed below.
+        part_dtype = (lambda t: t.dtype) if slots == 1 else (lambda t: torch.float32)
+        goff = alloc((slots * B, 2 * G * KK, HO, WO), part_dtype(offset), dev)
+        gmsk = alloc((slots * B, G * KK, HO, WO), part_dtype(mask), dev) if mask is not None else goff
+        wrap_triton(_deform_conv_bwd_data_kernel)[(p_tiles_of(block_p), B * G * nseg * csplit)](
+            gout, x, off, msk, wt, gx, goff, gmsk,
+            B, H, W, HO, WO, c_per_g, cout_per_g, groups, G, csplit, nseg, *x.stride(), *convs,
+            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, NEED_GRAD_INPUT=int(bool(need_input)),
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_C=block_c, ONE_N=int(cout_per_g <= block_n),
         )
         if need_input:
-            grad_input = gx.to(input.dtype)
+            grad_input = gx.to(dtype=input.dtype, memory_format=torch.contiguous_format)
         if need_offset_mask:
-            grad_offset = goff if csplit == 1 else goff.view(csplit, *offset.shape).sum(0).to(offset.dtype)
+            grad_offset = goff if slots == 1 else goff.view(slots, *offset.shape).sum(0).to(offset.dtype)
             if mask is not None:
-                grad_mask = gmsk if csplit == 1 else gmsk.view(csplit, *mask.shape).sum(0).to(mask.dtype)
+                grad_mask = gmsk if slots == 1 else gmsk.view(slots, *mask.shape).sum(0).to(mask.dtype)
 
     if need_weight:
-        block_p, block_n = (16, 16) if INTERPRET else (64, _n_block(cout_per_g))
         block_c = 16 if INTERPRET or min(c_per_g, C // G) <= 16 else 32
+        block_p = 16 if INTERPRET else _p_block(block_c, x.element_size())
         base = groups * triton.cdiv(cout_per_g, block_n) * KK * triton.cdiv(c_per_g, block_c)
-        tiles = B * triton.cdiv(HO * WO, block_p)
-        if INTERPRET:
-            split = min(2, tiles)
-        else:
-            target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
-            split = max(1, min(tiles, triton.cdiv(target, base)))
+        tiles = B * p_tiles_of(block_p)
+        split = max(1, min(tiles, triton.cdiv(_programs_wanted(dev), base)))
         gw = alloc((split, Cout, c_per_g, KK), torch.float32, dev)
-        wrap_triton(_deform_conv_bwd_weight_kernel)[(base * split,)](
-            grad_out, input, offset, msk, gw,
-            B, H, W, HO, WO, c_per_g, cout_per_g, C // G, groups, split,
-            *grad_out.stride(), *input.stride(), *offset.stride(), smb, smc, smh, smw, *convs,
-            KH=KH, KW=KW, HAS_MASK=has_mask, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_C=block_c,
-            num_warps=8,
+        wrap_triton(_deform_conv_bwd_weight_kernel)[(split, base)](
+            gout, x, off, msk, gw,
+            B, H, W, HO, WO, c_per_g, cout_per_g, groups, G, split, *x.stride(), *convs,
+            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, BLOCK_P=block_p, BLOCK_N=block_n,
+            BLOCK_C=block_c,
         )
         grad_weight = gw.sum(0).reshape(Cout, c_per_g, KH, KW).to(weight.dtype)
 

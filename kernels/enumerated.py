@@ -18,10 +18,13 @@ greater). Two scores that are equal in exact arithmetic may still round differen
 summation order differs, so against a float64 reference the argmax is exact up to such near-ties: rows
 whose best candidates lie within the fp32 accumulation error (a few ulp of 1 for unit rows).
 
-Layouts: Q [B, Nq, D] and a single reference [B, Nr, D] are read through their strides (any layout);
-several references are concatenated along the row axis, and ``ref_meta`` int64 [R, 2] holds the
-(first row, Nr) of each. The grid is (query blocks, B, R): all references in one launch. Pointer offsets
-are int64. NaN/Inf rows give unspecified results (callers check, as ``bench.baselines`` does).
+Layouts: the kernel reads row-major rows, [B, N, DP] with unit stride along the row and DP a multiple
+of 16, so that every operand load is a 16-byte vector; :func:`row_major` gives rows of any other layout
+that form (one copy, the row zero-padded to DP: zeros add nothing to a product), and rows already in it
+are read in place. Several references are concatenated along the row axis, and ``ref_meta`` int64
+[R, 2] holds the (first row, Nr) of each. The grid is (query blocks, B, R): all references in one
+launch. Pointer offsets are int64. NaN/Inf rows give unspecified results (callers check, as
+``bench.baselines`` does).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _configs() -> list[triton.Config]:
 def _matmul_argmax_kernel(
     q_ptr, r_ptr, ref_meta_ptr, best_ptr, idx_ptr,
     B, Nq, D,
-    stride_qb, stride_qm, stride_qk, stride_rb, stride_rn, stride_rk,
+    stride_qb, stride_qm, stride_rb, stride_rn,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """best[r, b, i] = max_j Q[b, i] . R_r[b, j] (fp32), idx[r, b, i] = lowest argmax j (int64).
@@ -88,8 +91,8 @@ def _matmul_argmax_kernel(
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_ok = (ks < D)[None, :]
-            q = tl.load(q_rows + ks[None, :] * stride_qk, mask=m_ok[:, None] & k_ok, other=0.0)
-            rt = tl.load(r_rows + ks[None, :] * stride_rk, mask=n_ok[:, None] & k_ok, other=0.0)
+            q = tl.load(q_rows + ks[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
+            rt = tl.load(r_rows + ks[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
             acc = dot(q, tl.trans(rt), acc, IEEE)
         s = tl.where(n_ok[None, :], acc, float("-inf"))
         tile_max = tl.max(s, axis=1)
@@ -103,13 +106,33 @@ def _matmul_argmax_kernel(
     tl.store(idx_ptr + out, arg.to(tl.int64), mask=m_ok)
 
 
+def _vector_rows(x: torch.Tensor) -> bool:
+    """Rows [B, N, D] that the kernel reads with 16-byte vectors in place: unit stride along the row,
+    row and batch strides (and the data pointer) multiples of 16 elements."""
+    return x.stride(2) == 1 and x.stride(1) % 16 == 0 and x.stride(0) % 16 == 0 and (
+        x.data_ptr() % (16 * x.element_size()) == 0)
+
+
+def row_major(x: torch.Tensor, dp: int) -> torch.Tensor:
+    """Rows [B, N, D] as the kernel reads them: ``x`` itself if it is already row-major with D = dp and
+    vector-aligned strides, else a zero-padded row-major copy [B, N, dp]."""
+    if x.shape[2] == dp and _vector_rows(x):
+        return x
+    out = x.new_zeros(x.shape[0], x.shape[1], dp)
+    out[..., : x.shape[2]] = x
+    return out
+
+
 @torch.library.triton_op("amsa::matmul_argmax", mutates_args=())
 def matmul_argmax_op(
     q: torch.Tensor, r: torch.Tensor, ref_meta: torch.Tensor, n_refs: int, ieee: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(best fp32, idx int64), each [R, B, Nq], for q [B, Nq, D] against the R references held in
-    r [B, sum Nr, D] as described by ref_meta [R, 2] (module docstring). Inputs are not checked here."""
+    r [B, sum Nr, D] as described by ref_meta [R, 2] (module docstring). Inputs are not checked here;
+    rows of another layout than the kernel's are copied into it (:func:`row_major`)."""
     B, Nq, D = q.shape
+    dp = triton.cdiv(D, 16) * 16
+    q, r = row_major(q, dp), row_major(r, dp)
     best = alloc((n_refs, B, Nq), torch.float32, q.device)
     idx = alloc((n_refs, B, Nq), torch.int64, q.device)
 
@@ -117,5 +140,6 @@ def matmul_argmax_op(
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B, n_refs)
 
     torch.library.wrap_triton(_matmul_argmax_kernel)[grid](
-        q, r, ref_meta, best, idx, B, Nq, D, *q.stride(), *r.stride(), IEEE=ieee)
+        q, r, ref_meta, best, idx, B, Nq, dp, q.stride(0), q.stride(1), r.stride(0), r.stride(1),
+        IEEE=ieee)
     return best, idx

@@ -1,31 +1,40 @@
 """The Triton path of CFE-PatchMatch: one level's query and references in the layouts of the kernels
-(``kernels/patchmatch.py``), one fused launch per propagation step for every reference of the level."""
+(``kernels/patchmatch.py``), one fused launch per propagation step for every reference of the level.
+
+Each map is copied once per level into the kernels' layout: zero-padded by one pixel, channels-last, its
+channels zero-padded to ``PaddedLayout(C, element size).CP`` (a multiple of 16 bytes), so that the kernels'
+row gathers are unmasked 16-byte vectors. Features keep their dtype (fp32, fp16 or bf16); norms are fp32.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from amsa.matching.torch_backend import patch_norms
-from kernels.patchmatch import patch_score, patchmatch_step
+from kernels.patchmatch import PaddedLayout, pad_map, patch_score, patchmatch_step
 
 __all__ = ["TritonLevel"]
 
 
 class TritonLevel:
-    """All references of one level in the kernels' layouts (channels-last query, the references'
-    pixel rows concatenated, per-level patch norms); the counterpart of
+    """All references of one level in the kernels' layouts (padded channels-last maps, the references
+    concatenated, per-level patch norms); the counterpart of
     :class:`amsa.matching.torch_backend.TorchLevels`, with the same interface."""
 
     def __init__(self, query: torch.Tensor, refs: list[torch.Tensor]):
-        C = query.shape[1]
-        self.query = query.permute(0, 2, 3, 1).contiguous()
+        cp = PaddedLayout(query.shape[1], query.element_size()).CP
+        self.query = pad_map(query, cp)
         self.qnorm = patch_norms(query).contiguous()
-        self.ref = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, C) for r in refs])
+        padded = [pad_map(r, cp).view(-1) for r in refs]
+        self.ref = torch.cat(padded) if len(padded) > 1 else padded[0]
         self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
-        rows = [r.shape[0] * r.shape[2] * r.shape[3] for r in refs]
-        first = [sum(rows[:i]) for i in range(len(refs))]
-        self.ref_meta = torch.tensor([[f, r.shape[2], r.shape[3]] for f, r in zip(first, refs)],
-                                     dtype=torch.int64, device=query.device)
+        first = [0]  # first padded pixel of each reference in self.ref
+        first_n = [0]  # its first norm in self.rnorm
+        for p, r in zip(padded, refs):
+            first.append(first[-1] + p.numel() // cp)
+            first_n.append(first_n[-1] + r.shape[0] * r.shape[2] * r.shape[3])
+        meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_n, refs)]
+        self.ref_meta = torch.tensor(meta, dtype=torch.int64, device=query.device)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for positions [R, B, hq, wq, 2] -> scores [R, B, hq, wq]."""

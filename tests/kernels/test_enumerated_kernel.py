@@ -1,7 +1,8 @@
 """The fused matmul-argmax kernel (kernels/enumerated.py) against float64 argmaxes of the same rounded
 rows: on CUDA when present, else on CPU under TRITON_INTERPRET=1 (set in conftest.py) at tiny shapes,
 where the tiles are 32 x 16 x 16 so that every axis spans several blocks and a partial one. Outputs are
-poisoned before the kernel writes them. Plus the sm_90 compile (no GPU needed) and GPU-only checks."""
+poisoned before the kernel writes them. Plus GPU-only checks (the sm_90 compile:
+tests/kernels/test_sm90_static.py)."""
 
 import pytest
 import torch
@@ -194,32 +195,3 @@ def test_gpu_offsets_beyond_2_pow_31_elements():
     assert idx[0, 0].item() == Nr - 1
     torch.testing.assert_close(best[0, 0].item(), (q[0, 0].float() @ r[0, -1].float()).item(), rtol=1e-5,
                                atol=0)
-
-
-_COMPILE_SCRIPT = r"""
-import kernels.enumerated as k
-from tests.support.sm90 import compile_for_sm90
-
-POINTERS = {"ref_meta_ptr": "*i64", "best_ptr": "*fp32", "idx_ptr": "*i64"}
-configs = k._configs()
-unit = dict(stride_qk=1, stride_rk=1)  # what Triton specialises for contiguous rows
-for dtype, ieee, cfgs, strides in [("bf16", 1, configs, [unit, {}]), ("fp32", 0, configs, [unit]),
-                                   ("fp32", 1, configs[:1], [unit]), ("fp16", 1, configs[:1], [unit])]:
-    types = lambda name: POINTERS.get(name, "*" + dtype if name.endswith("_ptr") else "i32")
-    for cfg in cfgs:
-        for s in strides:
-            constexprs = dict(IEEE=ieee, **s, **cfg.kwargs)
-            compile_for_sm90(k._matmul_argmax_kernel, types, constexprs, cfg.num_warps)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernel_compiles_for_sm90():
-    """The interpreter accepts code that the compiler rejects: compile the kernel for an H100/H200 (sm_90)
-    in every tile config the autotuner may pick, for contiguous and strided rows. No GPU needed."""
-    from tests.support.sm90 import run_script
-
-    pytest.importorskip("triton.backends.nvidia")
-    proc = run_script(_COMPILE_SCRIPT)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -56,9 +56,15 @@ def test_triton_non_contiguous_and_channels_last():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
-    q = torch.randn(1, 6, 9, 10, device=TRITON_DEVICE).to(dtype)
-    r = torch.randn(1, 6, 11, 9, device=TRITON_DEVICE).to(dtype)
-    _same(*_both(q, r, iters=(1,)), q, r)  # both accumulate the same rounded inputs in fp32
+    """Batch 2, two references of different sizes in one launch, odd channels (bf16 maps are read as
+    int32 pairs of channels, so a reference's offset must be counted in the kernel's units)."""
+    q = torch.randn(2, 7, 9, 10, device=TRITON_DEVICE).to(dtype)
+    refs = [torch.randn(2, 7, 11, 9, device=TRITON_DEVICE).to(dtype),
+            torch.randn(2, 7, 6, 13, device=TRITON_DEVICE).to(dtype)]
+    ts = amsa.cfe_patchmatch(q, refs, iters=(1,), backend="torch")
+    ks = amsa.cfe_patchmatch(q, refs, iters=(1,), backend="triton")
+    for t, k, r in zip(ts, ks, refs):
+        _same(t, k, q, r)  # both accumulate the same rounded inputs in fp32
 
 
 def test_triton_zero_patches_and_borders():
@@ -116,29 +122,21 @@ def test_triton_offsets_beyond_2_pow_31_elements():
     torch.testing.assert_close(s, want, atol=1e-3, rtol=0)
 
 
-_COMPILE_SCRIPT = r"""
-import kernels.patchmatch as k
-from tests.support.sm90 import compile_for_sm90
+@pytest.mark.gpu
+@pytest.mark.skipif(TRITON_DEVICE != "cuda", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_step_at_the_paper_size(dtype):
+    """The entry score and one step (dilation 1, which Triton specialises, and 4) at 250x250, C = 256,
+    against the PyTorch path on the same rounded features: the launch configuration that runs."""
+    from amsa.matching.torch_backend import TorchLevels
+    from amsa.matching.triton_backend import TritonLevel
 
-POINTERS = {"qnorm_ptr": "*fp32", "rnorm_ptr": "*fp32", "ref_meta_ptr": "*i64", "pos_ptr": "*i64",
-            "pos_in_ptr": "*i64", "pos_out_ptr": "*i64", "score_ptr": "*fp32", "score_in_ptr": "*fp32",
-            "score_out_ptr": "*fp32"}
-for dtype in ("fp32", "fp16", "bf16"):
-    types = lambda name: POINTERS.get(name, "*" + dtype if name.endswith("_ptr") else "i32")
-    bp, bc = k._blocks(256, 1 << 20)
-    compile_for_sm90(k._patch_score_kernel, types, dict(BLOCK_P=bp, BLOCK_C=bc), 4)
-    for oc in (0, 1):
-        constexprs = dict(OFFSET_CORRECTED=oc, BLOCK_P=bp, BLOCK_C=bc)
-        compile_for_sm90(k._patchmatch_step_kernel, types, constexprs, 4)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """Compile the matcher's kernels for an H100/H200 (sm_90) ahead of time: no GPU needed."""
-    from tests.support.sm90 import run_script
-
-    pytest.importorskip("triton.backends.nvidia")
-    proc = run_script(_COMPILE_SCRIPT)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    q = smooth_features(1, 256, 250, 250, seed=1).cuda().to(dtype)
+    r = smooth_features(1, 256, 250, 250, seed=2).cuda().to(dtype)
+    pos = torch.stack([torch.randint(0, 250, (1, 1, 250, 250)) for _ in range(2)], -1).cuda()
+    kern, ref = TritonLevel(q, [r]), TorchLevels(q, [r])
+    score = ref.score_positions(pos)
+    assert_cosines_close(kern.score_positions(pos), score, 256)
+    for k in (1, 4):
+        a, b = kern.step(pos, score, k, False), ref.step(pos, score, k, False)
+        assert_matches_agree(amsa.Match(a[0][0], a[1][0]), amsa.Match(b[0][0], b[1][0]), channels=256)

@@ -71,6 +71,9 @@ CASES = {
     "offset_groups_nomask": (2, 4, 4, 5, 2, (3, 3), (1, 2), (1, 1), (1, 1), 1, 4, False, True),
     "groups_straddle": (1, 6, 4, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3, 2, True, True),
     "wide": (1, 34, 3, 4, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, True),  # several channel blocks
+    # more output channels than one block of the interpreter's kernels (16): several output blocks in the
+    # forward, grad_out read block by block in the data gradient; offset groups of 16 and 4 channels
+    "wide_out": (2, 20, 4, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 1, 5, True, True),
 }
 
 
