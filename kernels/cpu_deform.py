@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import prange
 
 from kernels._cpu import helper, kernel, launch
@@ -204,8 +203,10 @@ class _Problem:
         """Batch element b in the sampling dtype: the padded channels-last input [H+2, W+2, C], and the
         offsets [L, 2*G*kk] and mask [L, G*kk] position-major (a position's taps contiguous; the mask is
         the offsets when there is none). One image at a time keeps the copies small."""
-        position_major = lambda t: t[b].to(self.calc).flatten(1).T.contiguous()
-        xpad = F.pad(self.input[b].to(self.calc), (1, 1, 1, 1)).permute(1, 2, 0).contiguous()
+        position_major = lambda t: t[b].to(self.calc).flatten(1).T.contiguous()  # no copy if channels-last
+        H, W = self.input.shape[2:]
+        xpad = torch.zeros((H + 2, W + 2, self.input.shape[1]), dtype=self.calc, device=self.input.device)
+        xpad[1 : H + 1, 1 : W + 1] = self.input[b].permute(1, 2, 0)  # a plain copy if channels-last
         off = position_major(self.offset)
         return xpad, off, off if self.mask is None else position_major(self.mask)
 
@@ -251,10 +252,13 @@ def cpu_deform_conv2d_fwd(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
     bias: torch.Tensor | None, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
 ) -> torch.Tensor:
-    """Forward of the modulated deformable convolution: out [B, Cout, Ho, Wo] (contiguous)."""
+    """Forward of the modulated deformable convolution: out [B, Cout, Ho, Wo], channels-last when the input
+    is (:func:`_channels_last`), else contiguous."""
     pr = _Problem(input, offset, mask, weight, (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w))
     B, Cout, g_out = input.shape[0], weight.shape[0], pr.cout_per_g
-    out = alloc((B, Cout, pr.L), input.dtype, input.device)
+    last = _channels_last(input)
+    # Channels-last: out[b, p, :] = cols[p] W^T, rows written where they belong (no transposing copy).
+    out = alloc((B, pr.L, Cout) if last else (B, Cout, pr.L), input.dtype, input.device)
     wg = pr.weight_by_group(weight)
     col = alloc((pr.tile, pr.groups, pr.width), pr.calc, input.device)
     for b in range(B):
@@ -262,15 +266,28 @@ def cpu_deform_conv2d_fwd(
         for l0, n in pr.tiles():
             cols = pr.columns(image, col, l0, n)
             for gr in range(pr.groups):
-                _mm_into(out[b, gr * g_out : (gr + 1) * g_out, l0 : l0 + n], wg[gr], cols[:, gr].T)
+                rows = slice(gr * g_out, (gr + 1) * g_out)
+                if last:
+                    _mm_into(out[b, l0 : l0 + n, rows], cols[:, gr], wg[gr].T)
+                else:
+                    _mm_into(out[b, rows, l0 : l0 + n], wg[gr], cols[:, gr].T)
     if bias is not None:
-        out += bias[:, None]
+        out += bias if last else bias[:, None]
+    if last:
+        return out.view(B, pr.Ho, pr.Wo, Cout).permute(0, 3, 1, 2)
     return out.view(B, Cout, pr.Ho, pr.Wo)
+
+
+def _channels_last(input: torch.Tensor) -> bool:
+    """Whether the output is channels-last: the input is, and is not also contiguous (C = 1 or H = W = 1)."""
+    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
 
 
 @cpu_deform_conv2d_fwd.register_fake
 def _(input, offset, mask, weight, bias, *conv):
-    return input.new_empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]))
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    return torch.empty((input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]),
+                       dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
 @torch.library.custom_op("amsa::cpu_deform_conv2d_bwd", mutates_args=(), device_types="cpu")

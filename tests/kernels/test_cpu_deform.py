@@ -141,6 +141,23 @@ def test_numba_non_contiguous_channels_last_and_expanded_grad():
     _agree(_numba(nc, conv, gout), run(deform_conv2d_torch, t, conv, gout), t, torch.float32)
 
 
+@pytest.mark.parametrize("case", ["3x3", "groups_straddle", "offset_groups_nomask", "2x3_stride_dil"])
+def test_numba_channels_last_input_gives_channels_last_output(case):
+    """A channels-last input (the layout AMSA runs in on CPU) gives a channels-last output, rows written by
+    the per-group products in place, with the values and all gradients of the PyTorch path; a contiguous
+    input gives a contiguous output. The fake kernel reports the same strides (opcheck)."""
+    t, conv = make_problem(case, dtype=torch.float32)
+    cl = {**t, "input": t["input"].contiguous(memory_format=torch.channels_last)}
+    gout = torch.randn_like(run(deform_conv2d_torch, t, conv)["out"])
+    got = _numba(cl, conv, gout)
+    assert got["out"].is_contiguous(memory_format=torch.channels_last) and not got["out"].is_contiguous()
+    assert _numba(t, conv)["out"].is_contiguous()
+    _agree(got, run(deform_conv2d_torch, t, conv, gout), t, torch.float32)
+    geometry = (*conv["stride"], *conv["padding"], *conv["dilation"])
+    args = (cl["input"], t["offset"], t["mask"], t["weight"], t["bias"], *geometry)
+    torch.library.opcheck(torch.ops.amsa.cpu_deform_conv2d_fwd.default, args)
+
+
 def test_numba_several_column_tiles_per_image(monkeypatch):
     """Tiles of 7 positions (the last one partial) give what one tile gives: tile boundaries lose or
     repeat no position, in the forward pass and in every gradient."""

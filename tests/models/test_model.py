@@ -171,6 +171,24 @@ def test_odd_sizes_are_padded_and_cropped_back(model):
         torch.testing.assert_close(sr, model(padded, ref)[..., :36, :28], rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_forward_runs_channels_last_with_the_numba_kernels(model):
+    """On CPU the network runs channels-last (the convolutions' native layout) and returns a contiguous
+    image; the numba deformable kernels there give what the PyTorch path gives (same weights)."""
+    pytest.importorskip("numba")
+    fast = tiny_model(backend="numba")
+    fast.load_state_dict(model.state_dict())
+    seen = []
+    hook = fast.net.content_extractor.conv_first.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    lr, ref = torch.rand(2, 3, 10, 8), torch.rand(2, 3, 30, 34)
+    with torch.no_grad():
+        sr = fast(lr, ref)
+        want = model(lr, ref)
+    hook.remove()
+    assert seen == [True] and sr.is_contiguous() and want.is_contiguous()
+    torch.testing.assert_close(sr, want, rtol=1e-4, atol=1e-5)
+
+
 def test_list_of_references(model):
     lr = torch.rand(1, 3, 8, 10)
     refs = [torch.rand(1, 3, 32, 40), torch.rand(1, 3, 25, 33)]
