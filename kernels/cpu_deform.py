@@ -30,6 +30,7 @@ import torch
 from numba import prange
 
 from kernels._cpu import helper, kernel, launch
+from kernels._deform_autograd import backward_fake, register_autograd
 from kernels._outputs import alloc
 
 __all__ = ["cpu_deform_conv2d_bwd", "cpu_deform_conv2d_fwd"]
@@ -347,32 +348,5 @@ def cpu_deform_conv2d_bwd(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
-@cpu_deform_conv2d_bwd.register_fake
-def _(grad_out, input, offset, mask, weight, *conv_and_needs):
-    need_input, need_offset_mask, need_weight = conv_and_needs[-3:]
-    empty = lambda: input.new_empty((0,))
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else empty(),
-        offset.new_empty(offset.shape) if need_offset_mask else empty(),
-        mask.new_empty(mask.shape) if need_offset_mask and mask is not None else empty(),
-        weight.new_empty(weight.shape) if need_weight else empty(),
-        grad_out.new_empty((weight.shape[0],)),
-    )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, offset, mask, weight, bias, *conv = inputs
-    ctx.save_for_backward(input, offset, mask, weight)
-    ctx.conv, ctx.has_bias = conv, bias is not None
-
-
-def _backward(ctx, grad_out: torch.Tensor):
-    input, offset, mask, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    gi, go, gm, gw, gb = cpu_deform_conv2d_bwd(grad_out, input, offset, mask, weight, *ctx.conv,
-                                               need[0], need[1] or need[2], need[3])
-    return (gi if need[0] else None, go if need[1] else None, gm if need[2] and mask is not None else None,
-            gw if need[3] else None, gb if need[4] and ctx.has_bias else None, *([None] * len(ctx.conv)))
-
-
-cpu_deform_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+cpu_deform_conv2d_bwd.register_fake(backward_fake)
+register_autograd(cpu_deform_conv2d_fwd, cpu_deform_conv2d_bwd)

@@ -19,6 +19,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import INTERPRET, alloc
+from kernels._deform_autograd import backward_fake, register_autograd
 from kernels.deform_conv_bwd import _deform_conv_bwd_data_kernel, _deform_conv_bwd_weight_kernel
 from kernels.deform_conv_fwd import _deform_conv_fwd_kernel
 
@@ -184,48 +185,12 @@ def deform_conv2d_bwd(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    input, offset, mask, weight, bias, *conv = inputs
-    ctx.save_for_backward(input, offset, mask, weight)
-    ctx.conv = conv
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out: torch.Tensor):
-    input, offset, mask, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    gi, go, gm, gw, gb = deform_conv2d_bwd(
-        grad_out, input, offset, mask, weight, *ctx.conv,
-        int(need[0]), int(need[1] or need[2]), int(need[3]),
-    )
-    return (
-        gi if need[0] else None,
-        go if need[1] else None,
-        gm if need[2] and mask is not None else None,
-        gw if need[3] else None,
-        gb if need[4] and ctx.has_bias else None,
-        *([None] * len(ctx.conv)),
-    )
-
-
-deform_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(deform_conv2d_fwd, deform_conv2d_bwd, flag=int)
 
 
 def _fwd_fake(input, offset, mask, weight, bias, *conv) -> torch.Tensor:
     B, _, _, _, HO, WO, Cout, *_ = _geometry(input, offset, weight)
     return input.new_empty((B, Cout, HO, WO))
-
-
-def _bwd_fake(grad_out, input, offset, mask, weight, *conv_and_needs) -> tuple:
-    need_input, need_offset_mask, need_weight = conv_and_needs[-3:]
-    empty = lambda: input.new_empty((0,))
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else empty(),
-        offset.new_empty(offset.shape) if need_offset_mask else empty(),
-        mask.new_empty(mask.shape) if need_offset_mask and mask is not None else empty(),
-        weight.new_empty(weight.shape) if need_weight else empty(),
-        grad_out.new_empty((weight.shape[0],)),
-    )
 
 
 if INTERPRET:
@@ -237,6 +202,6 @@ if INTERPRET:
     def _keep_opaque(mode, op, types, args, kwargs):
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
-    for _op, _fake in ((deform_conv2d_fwd, _fwd_fake), (deform_conv2d_bwd, _bwd_fake)):
+    for _op, _fake in ((deform_conv2d_fwd, _fwd_fake), (deform_conv2d_bwd, backward_fake)):
         _op.register_fake(_fake)
         _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)

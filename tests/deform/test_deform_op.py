@@ -11,6 +11,7 @@ from tests.support.deform_reference import (
     NAMES,
     integer_and_border_offsets,
     make_problem,
+    minus_one_border_problem,
     reduction,
     ref64,
     reference_deform_conv2d,
@@ -103,12 +104,8 @@ def _offset_grad_by_forward_differences(t, conv, gout, eps=1e-3):
 def test_minimal_minus_one_border_gradient_is_torchvisions():
     """Zero offsets at padding 1 put tap row 0 of output row 0 exactly on y = -1: torchvision's offset
     gradient there is the one-sided derivative into the image (value and other gradients unchanged)."""
-    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
-    w = torch.randn(1, 1, 3, 3, dtype=torch.float64)
-    t = {"input": x, "offset": torch.zeros(1, 18, 4, 4, dtype=torch.float64), "weight": w, "bias": None,
-         "mask": None}
-    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
-    gout = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    t, conv, gout = minus_one_border_problem()
+    x, w = t["input"], t["weight"]
     got = run(deform_conv2d, t, conv, gout)
     edge = got["offset"][0, 2, 0, :]  # dy of tap (0, 1) at output row 0: samples y = -1
     assert (edge.abs() > 1e-3).all()

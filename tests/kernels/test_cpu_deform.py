@@ -13,6 +13,8 @@ from tests.support.deform_reference import (
     NAMES,
     integer_and_border_offsets,
     make_problem,
+    minus_one_border_problem,
+    non_contiguous,
     reduction,
     ref64,
     run,
@@ -69,12 +71,8 @@ def test_numba_minus_one_border_is_torchvisions():
     """Zero offsets at padding 1 put tap row 0 of output row 0 exactly on y = -1: value 0 and the offset
     gradient the one-sided derivative into the image (the PyTorch path's test checks this rule against
     forward differences), also in float32."""
-    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
-    w = torch.randn(1, 1, 3, 3, dtype=torch.float64)
-    t = {"input": x, "offset": torch.zeros(1, 18, 4, 4, dtype=torch.float64), "weight": w, "bias": None,
-         "mask": None}
-    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
-    gout = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    t, conv, gout = minus_one_border_problem()
+    x, w = t["input"], t["weight"]
     for dtype in (torch.float64, torch.float32):
         td = {n: None if v is None else v.to(dtype) for n, v in t.items()}
         got = _numba(td, conv, gout.to(dtype))
@@ -129,14 +127,7 @@ def test_numba_low_precision(dtype):
 
 def test_numba_non_contiguous_channels_last_and_expanded_grad():
     t, conv = make_problem("groups", dtype=torch.float32)
-    nc = {
-        "input": t["input"].contiguous(memory_format=torch.channels_last),
-        "offset": t["offset"].transpose(2, 3).contiguous().transpose(2, 3),
-        "mask": torch.stack([t["mask"], t["mask"]], -1)[..., 0],
-        "weight": t["weight"].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
-        "bias": torch.stack([t["bias"], t["bias"]], 1)[:, 0],
-    }
-    assert not any(v.is_contiguous() for v in nc.values())
+    nc = non_contiguous(t)
     gout = torch.ones(1, 1, 1, 1).expand(1, 4, 5, 4)  # stride-0 grad, as from .sum()
     _agree(_numba(nc, conv, gout), run(deform_conv2d_torch, t, conv, gout), t, torch.float32)
 

@@ -11,6 +11,7 @@ from tests.support.deform_reference import (
     NAMES,
     integer_and_border_offsets,
     make_problem,
+    non_contiguous,
     reduction,
     ref64,
     run,
@@ -82,14 +83,7 @@ def test_triton_minus_one_border_gradient(poison):
 @interpret
 def test_triton_non_contiguous_and_expanded_grad(poison):
     t, conv = make_problem("groups", dtype=torch.float32, device=TRITON_DEVICE)
-    nc = {
-        "input": t["input"].contiguous(memory_format=torch.channels_last),
-        "offset": t["offset"].transpose(2, 3).contiguous().transpose(2, 3),
-        "mask": torch.stack([t["mask"], t["mask"]], -1)[..., 0],
-        "weight": t["weight"].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
-        "bias": torch.stack([t["bias"], t["bias"]], 1)[:, 0],
-    }
-    assert not any(v.is_contiguous() for v in nc.values())
+    nc = non_contiguous(t)
     gout = torch.ones(1, 1, 1, 1, device=TRITON_DEVICE).expand(1, 4, 5, 4)  # stride-0 grad, as from .sum()
     got = run(deform_conv2d, nc, conv, gout, backend="triton")
     want = run(deform_conv2d_torch, t, conv, gout)

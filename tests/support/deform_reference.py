@@ -94,6 +94,32 @@ def make_problem(case, dtype=torch.float64, device="cpu", offset_scale=2.0):
 NAMES = ("input", "offset", "mask", "weight", "bias")
 
 
+def minus_one_border_problem() -> tuple[dict, dict, torch.Tensor]:
+    """(t, conv, grad_out) in float64: 1 channel, 4x4, zero offsets, padding 1, so tap row 0 of output
+    row 0 samples exactly y = -1 (torchvision's border rule: value 0, offset gradient one-sided into the
+    image, i.e. w[0, 0, 0, 1] * x[0, 0, 0, :] for the dy of tap (0, 1) there)."""
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    w = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    t = {"input": x, "offset": torch.zeros(1, 18, 4, 4, dtype=torch.float64), "weight": w, "bias": None,
+         "mask": None}
+    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    return t, conv, torch.ones(1, 1, 4, 4, dtype=torch.float64)
+
+
+def non_contiguous(t: dict) -> dict:
+    """The same values as ``t`` (a :func:`make_problem` dict), every tensor in a non-contiguous layout:
+    channels-last input, transposed offsets, strided mask, permuted weight, strided bias."""
+    nc = {
+        "input": t["input"].contiguous(memory_format=torch.channels_last),
+        "offset": t["offset"].transpose(2, 3).contiguous().transpose(2, 3),
+        "mask": torch.stack([t["mask"], t["mask"]], -1)[..., 0],
+        "weight": t["weight"].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+        "bias": torch.stack([t["bias"], t["bias"]], 1)[:, 0],
+    }
+    assert not any(v.is_contiguous() for v in nc.values())
+    return nc
+
+
 def run(fn, t, conv, grad_out=None, **kw):
     """Forward and (with grad_out) backward; returns {"out": ..., "input": grad, ...}."""
     grad = grad_out is not None
