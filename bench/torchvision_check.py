@@ -1,6 +1,7 @@
 """amsa.deform_conv2d against the real ``torchvision.ops.deform_conv2d`` on randomised float64 problems:
-values and all five gradients. Run with a Python that has torchvision (never a dependency of amsa), e.g.
-a scratch venv: ``PYTHONPATH=. /path/to/venv/bin/python -m bench.torchvision_check --cases 2000``.
+values and all five gradients, for each CPU backend (``torch``: the PyTorch path; ``numba``: the CPU
+kernels, what ``"auto"`` runs on CPU). Run with a Python that has torchvision (never a dependency of amsa),
+e.g. a scratch venv: ``PYTHONPATH=. /path/to/venv/bin/python -m bench.torchvision_check --cases 2000``.
 
 Problems: kernels 1x1 to 5x5, strides 1-2, paddings 0-2, dilations 1-2, weight groups 1-2, offset groups
 1/2/4/8 (where they divide the channels), masks or none, bias or none; offsets random (several pixels),
@@ -60,7 +61,8 @@ def _run(fn, t: dict, conv: dict, gout: torch.Tensor | None) -> dict:
     return res
 
 
-def compare(cases: int, seed: int = 0) -> tuple[int, list[str]]:
+def compare(cases: int, seed: int = 0, backend: str = "torch") -> tuple[int, list[str]]:
+    """(cases that agree, a line per disagreeing output) for ``amsa.deform_conv2d(backend=backend)``."""
     from torchvision.ops import deform_conv2d as tv
 
     g = torch.Generator().manual_seed(seed)
@@ -69,7 +71,7 @@ def compare(cases: int, seed: int = 0) -> tuple[int, list[str]]:
         t, conv = _problem(g)
         gout = torch.randn_like(_run(tv, t, conv, None)["out"])
         want = _run(tv, t, conv, gout)
-        got = _run(lambda *a, **k: deform_conv2d(*a, **k, backend="torch"), t, conv, gout)
+        got = _run(lambda *a, **k: deform_conv2d(*a, **k, backend=backend), t, conv, gout)
         for name, w in want.items():
             if w is None:
                 continue
@@ -84,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default="torch,numba", help="comma-separated amsa CPU backends")
     args = p.parse_args(argv)
-    ok, bad = compare(args.cases, args.seed)
-    print(f"{ok} of {args.cases} randomised float64 cases agree with torchvision (values and 5 gradients)")
-    for line in bad[:20]:
-        print("  " + line)
-    return 0 if not bad else 1
+    failed = False
+    for backend in args.backends.split(","):
+        ok, bad = compare(args.cases, args.seed, backend)
+        print(f"backend {backend}: {ok} of {args.cases} randomised float64 cases agree with torchvision "
+              "(values and 5 gradients)")
+        for line in bad[:20]:
+            print("  " + line)
+        failed |= bool(bad)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_make_lr_and_mod_crop():
     assert lr.shape == (3, 5, 7)
     assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit levels
     u8 = (hr * 255).round().byte().permute(1, 2, 0).numpy()
-    pil = torch.from_numpy(np.asarray(Image.fromarray(u8).resize((7, 5), Image.BICUBIC))).permute(2, 0, 1)
+    pil = torch.from_numpy(np.array(Image.fromarray(u8).resize((7, 5), Image.BICUBIC))).permute(2, 0, 1)
     assert (lr * 255 - pil.float()).abs().max() <= 1
     assert mod_crop(torch.rand(3, 70, 75), 32).shape == (3, 64, 64)
     with pytest.raises(ValueError, match="multiple of scale"):
