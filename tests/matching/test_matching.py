@@ -3,6 +3,7 @@ determinism and input validation (PyTorch path; the Triton kernels are in test_p
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import amsa
 from amsa.matching.schedule import dilations
@@ -170,9 +171,14 @@ def test_explicit_pyramid_and_module():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_features_match_their_fp32_upcast(dtype):
+    """Half-precision levels are widened and matched in fp32: the same computation as on their fp32
+    upcast, so the same positions. The levels are given as a Pyramid, since a coarse level built from a
+    half map is pooled in its dtype (and would differ from one pooled from the fp32 upcast)."""
     q, r = torch.randn(2, 6, 17, 15).to(dtype), torch.randn(2, 6, 16, 19).to(dtype)
-    m = amsa.cfe_patchmatch(q, r, iters=(1, 2))
-    m32 = amsa.cfe_patchmatch(q.float(), r.float(), iters=(1, 2))
+    half = lambda x: [F.interpolate(x, scale_factor=0.5, mode="area"), x]
+    m = amsa.cfe_patchmatch(amsa.Pyramid(half(q)), amsa.Pyramid(half(r)), iters=(1, 2))
+    m32 = amsa.cfe_patchmatch(amsa.Pyramid([v.float() for v in half(q)]),
+                              amsa.Pyramid([v.float() for v in half(r)]), iters=(1, 2))
     assert torch.equal(m.pos, m32.pos)
     assert m.score.dtype == torch.float32
 
