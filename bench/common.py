@@ -23,7 +23,7 @@ import datetime
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,19 @@ def append_rows(rows: list[dict], path: Path = RESULTS_CSV) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def write_rows(path: Path | str, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
+    """Write ``rows`` as a new CSV at ``path`` (its folder created): columns ``fields``, missing ones
+    empty, or the first row's keys."""
+    if not rows and fields is None:
+        raise ValueError(f"write_rows: no rows for {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]), restval="")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def read_rows(path: Path = RESULTS_CSV) -> list[dict[str, str]]:

@@ -13,19 +13,17 @@ the % of positions that differ from the official run with the same seed. Means o
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from amsa import AMSA, cfe_patchmatch, enumerated_match, patch_similarity
 from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
-from bench.common import RESULTS
-from bench.official_matching import QUIRKS, official_feature_match
+from bench.common import RESULTS, write_rows
+from bench.official_matching import QUIRKS, official_feature_match, official_scores
 
 OFFICIAL_ITERS = (1, 1, 1, 4)
 QUIRK_TEXT = {
@@ -100,19 +98,6 @@ def run(seeds: list[int], size: int = 256, log=print) -> list[dict]:
     return rows
 
 
-def official_scores(q: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The official finest-level score ``<query patch, reference patch / ||reference patch||>`` (valid
-    patches, a zero border) at positions [H, W, 2] (pixels) of one sample: [H, W]."""
-    qp = F.unfold(q.double(), 3)[0]
-    rp = F.normalize(F.unfold(r.double(), 3), dim=1)[0]
-    h, w = q.shape[-2] - 2, q.shape[-1] - 2
-    py, px = pos[1:-1, 1:-1, 0] - 1, pos[1:-1, 1:-1, 1] - 1
-    ok = (py >= 0) & (py < r.shape[-2] - 2) & (px >= 0) & (px < r.shape[-1] - 2)
-    cols = (py.clamp(0, r.shape[-2] - 3) * (r.shape[-1] - 2) + px.clamp(0, r.shape[-1] - 3)).reshape(-1)
-    s = (qp * rp[:, cols]).sum(0).view(h, w)
-    return F.pad(torch.where(ok, s, torch.nan), (1, 1, 1, 1))
-
-
 def score_gaps(seed: int = 0, size: int = 256) -> list[dict]:
     """|3 x Match.score - official S| at the same positions (interior pixels, matched inside the
     reference's valid patches), with the finest features per-pixel normalised (now) and raw (before), and
@@ -146,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3 x score vs official S, {g['finest_features']}: max {g['max_abs_gap']:.3g}, mean "
               f"{g['mean_abs_gap']:.3g} over {g['pixels']} pixels (logits: max {g['max_logit_gap']:.3g})")
     for rows, out in ((run(seeds, args.size), path), (gaps, path.with_name(path.stem + "_scores.csv"))):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(out, rows)
         print(f"wrote {out}")
     return 0
 

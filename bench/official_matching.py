@@ -69,6 +69,16 @@ def _pick(s: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor):
     return cy.gather(0, j)[0], cx.gather(0, j)[0]
 
 
+def official_scores(q: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The official finest-level score ``<query patch, reference patch / ||reference patch||>`` (valid
+    patches, a zero border) at positions [H, W, 2] (pixels) of one sample ([1, C, H, W] maps): [H, W]."""
+    qp, rp = _patches(q[0].double(), True, False), _patches(r[0].double(), True, True)
+    py, px = pos[1:-1, 1:-1, 0] - 1, pos[1:-1, 1:-1, 1] - 1
+    ok = (py >= 0) & (py < rp.shape[1]) & (px >= 0) & (px < rp.shape[2])
+    s = _evaluate(qp, rp, py.clamp(0, rp.shape[1] - 1)[None], px.clamp(0, rp.shape[2] - 1)[None], ok[None])
+    return F.pad(torch.where(ok, s[0], torch.nan), (1, 1, 1, 1))
+
+
 def official_feature_match(query, ref, iters=(1, 1, 1, 4), *, seed: int = 0, fix: tuple[str, ...] = (),
                            init: torch.Tensor | None = None):
     """Match one sample the official way (every quirk of :data:`QUIRKS` not named in ``fix``); ``init``

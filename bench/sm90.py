@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from bench import sass
-from bench.common import RESULTS, git_commit
+from bench.common import RESULTS, git_commit, read_rows, write_rows
 
 SM90_CSV = RESULTS / "sm90.csv"
 H200_SMS = 132
@@ -383,19 +382,6 @@ DOTS = ("_deform_conv_fwd_kernel", "_deform_conv_bwd_data_kernel", "_deform_conv
         "_matmul_argmax_kernel")
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_csv(path: Path = SM90_CSV) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
@@ -407,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.csv)
     if path.exists():  # keep the other labels' rows (e.g. 'before'), and this label's other cases
         redone = {(r["label"], r["case"]) for r in rows}
-        rows = [r for r in read_csv(path) if (r["label"], r["case"]) not in redone] + rows
-    write_csv(rows, path)
+        rows = [r for r in read_rows(path) if (r["label"], r["case"]) not in redone] + rows
+    write_rows(path, rows, FIELDS)
     problems = check([r for r in rows if r["label"] == args.label])
     print(f"{len(rows)} rows written to {path}; {len(problems)} problems")
     for p in problems:

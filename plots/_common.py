@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 
@@ -21,16 +20,6 @@ def output_dir(out: str | None, quick: bool) -> str:
     path = out if out is not None else (QUICK_OUT if quick else FIGURES)
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def write_csv(path: str, rows: Sequence[dict]) -> None:
-    """Rows of equal keys to ``path`` (header from the first row)."""
-    if not rows:
-        raise ValueError(f"write_csv: no rows for {path}")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def parse_ints(text: str) -> list[int]:

@@ -44,7 +44,8 @@ import amsa
 from amsa.backends import BACKENDS
 from amsa.demo.convergence import CURVE_KEYS, TRUTH_KEYS, convergence_curve, value_at
 from amsa.demo.features import MatchingFeatures, default_matching_features
-from plots._common import mean_band, output_dir, parse_ints, user_pair, write_csv
+from bench.common import write_rows
+from plots._common import mean_band, output_dir, parse_ints, user_pair
 from plots._pairs import StudyPair, study_pairs
 
 
@@ -289,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         _, curves = run_pair(q, r, seeds, backend=args.backend, truth=truth, inside=inside)
         summary = summary_rows(p.label, curves)
         print(format_summary(summary))
-        write_csv(os.path.join(out, f"{stem}.csv"), curve_rows(p.label, seeds, curves))
-        write_csv(os.path.join(out, f"{stem}_summary.csv"), summary)
+        write_rows(os.path.join(out, f"{stem}.csv"), curve_rows(p.label, seeds, curves))
+        write_rows(os.path.join(out, f"{stem}_summary.csv"), summary)
         plot(curves, f"Convergence to enumerated matching, {p.label}, {feats.name} features, "
                      f"{feats.stride} px per grid pixel (mean over seeds {seeds}, band: min-max; every state "
                      "brought to full resolution)", os.path.join(out, f"{stem}.png"))

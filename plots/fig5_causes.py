@@ -43,7 +43,8 @@ from amsa.matching.schedule import (
     upsample_positions,
 )
 from amsa.matching.torch_backend import TorchLevel
-from plots._common import output_dir, parse_ints, write_csv
+from bench.common import write_rows
+from plots._common import output_dir, parse_ints
 from plots._pairs import study_pairs
 from plots.convergence import FEATURES, matching_features
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['agreement_in']:>9.1f} {row['agreement_out']:>10.1f} {row['within_in']:>9.1f}")
             rows.append({"pair": p.name, "features": args.features, **row})
     suffix = "" if args.features == "learned" else "_" + args.features
-    write_csv(os.path.join(out, f"convergence_causes{suffix}.csv"), rows)
+    write_rows(os.path.join(out, f"convergence_causes{suffix}.csv"), rows)
     return 0
 
 

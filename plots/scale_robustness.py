@@ -46,7 +46,8 @@ from amsa.backends import BACKENDS
 from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
 from amsa.io import bicubic_resize, load_image, sample_photo_path
-from plots._common import down_up, features, mean_band, output_dir, parse_floats, parse_ints, write_csv
+from bench.common import write_rows
+from plots._common import down_up, features, mean_band, output_dir, parse_floats, parse_ints
 
 N_SCALES, K = 5, 0.8  # the paper's n multi-scale references, each k times the previous one
 PAPER = (1, 1, 2, 6)
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             psnr_rows += sr_psnr(model, rho, size)
             line += ", SR PSNR " + ", ".join(f"{r['variant']}: {r['psnr']:.2f} dB" for r in psnr_rows[-2:])
         print(f"rho {rho:g} (gamma {4 * rho:g}): {line} ({time.perf_counter() - t0:.1f} s)")
-    write_csv(os.path.join(out, "scale_robustness.csv"), rows)
+    write_rows(os.path.join(out, "scale_robustness.csv"), rows)
     if psnr_rows:
-        write_csv(os.path.join(out, "scale_robustness_psnr.csv"), psnr_rows)
+        write_rows(os.path.join(out, "scale_robustness_psnr.csv"), psnr_rows)
     plot(rows, os.path.join(out, "scale_robustness.png"), size, psnr_rows)
     print(f"wrote {os.path.join(out, 'scale_robustness')}.png, .csv")
     return 0

@@ -6,7 +6,8 @@ The checker itself is shown to fail: on a kernel compiled to spill, and on the k
 
 import pytest
 
-from bench.sm90 import SM90_CSV, check, read_csv
+from bench.common import read_rows
+from bench.sm90 import SM90_CSV, check
 from tests.support.sm90 import run_python
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def ci_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90") / "sm90.csv"
     proc = run_python(["-m", "bench.sm90", "--ci", "--label", "ci", "--csv", str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return read_csv(out)
+    return read_rows(out)
 
 
 def test_every_shipped_kernel_config_passes(ci_rows):
@@ -79,7 +80,7 @@ def test_checker_flags_a_spilling_kernel(tmp_path):
 def test_committed_table_after_passes_and_before_fails():
     """bench/results/sm90.csv holds the kernels before issue 12 (label 'before') and after ('after'): the
     check passes on every 'after' row and flags the spilling / scalar-gather configs of 'before'."""
-    rows = read_csv(SM90_CSV)
+    rows = read_rows(SM90_CSV)
     after = [r for r in rows if r["label"] == "after"]
     before = [r for r in rows if r["label"] == "before"]
     assert after and before
