@@ -147,13 +147,17 @@ class BaseTrainer:
             last = self.step == end
             if pg.main and cfg.log_every and (self.step % cfg.log_every == 0 or last):
                 self.log_progress(sums, (self.step - step0) / max(time.time() - t0, 1e-9))
-            if cfg.val_data and cfg.val_every and (self.step % cfg.val_every == 0 or last):
-                if pg.main:
-                    self.validate()
-                pg.barrier()
+            # the checkpoint first, so a validation that fails loses no update; validation runs on a forked
+            # torch RNG, so the states the checkpoint took before it continue the run exactly
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
                 if pg.main:
                     self.save()
+                pg.barrier()
+            if cfg.val_data and cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                if pg.main:
+                    devices = [self.device.index] if self.device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=devices):
+                        self.validate()
                 pg.barrier()
 
 

@@ -16,10 +16,12 @@ of ``plots.convergence``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from amsa.matching import cfe_patchmatch, enumerated_match
 from amsa.training.pairs import STRIDE, HomographyPairSet, apply_homography
@@ -103,15 +105,27 @@ def errors(pos: torch.Tensor, pair: KnownPair) -> torch.Tensor:
     return (pos.to(torch.float32) - pair.truth.to(pos.device)).norm(dim=-1)
 
 
+def _module_device(features: Callable) -> torch.device | None:
+    """The device of a module's first parameter (or buffer); ``None`` for a plain callable or an empty
+    module (the images then stay where they are)."""
+    if not isinstance(features, nn.Module):
+        return None
+    first = next(itertools.chain(features.parameters(), features.buffers()), None)
+    return None if first is None else first.device
+
+
 @torch.no_grad()
 def correspondence_accuracy(features: Callable, pairs: Sequence[KnownPair], *, iters=PAPER_ITERS,
                             seed: int = 0, tolerance: float = TOLERANCE) -> Accuracy:
     """Match every pair on ``features(lr_up, ref) -> (K, Q)`` (stride 4) exactly and with CFE-PatchMatch
-    ``iters`` (seeded) and count the inside cells within ``tolerance`` cells of the truth."""
+    ``iters`` (seeded) and count the inside cells within ``tolerance`` cells of the truth. The pairs'
+    images are moved to the device of ``features`` when it is a module with parameters or buffers."""
     hits = {"exact": 0, "cfe": 0}
     total = 0
+    device = _module_device(features)
     for pair in pairs:
-        q, r = features(pair.lr_up, pair.ref)
+        lr_up, ref = (pair.lr_up, pair.ref) if device is None else (pair.lr_up.to(device), pair.ref.to(device))
+        q, r = features(lr_up, ref)
         if tuple(q.shape[-2:]) != tuple(pair.truth.shape[:2]):
             raise ValueError(f"features: expected a {tuple(pair.truth.shape[:2])} grid (stride {STRIDE}) for "
                              f"{pair.name}, got {tuple(q.shape[-2:])}")

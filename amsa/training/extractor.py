@@ -156,7 +156,7 @@ class ExtractorTrainer(BaseTrainer):
 
     def validate(self) -> None:
         acc = correspondence_accuracy(MatchingFeatures.learned(self.net.eval()), self.val_pairs)
-        self.net.train()
+        self.train_mode()
         self.log_validation(acc.as_dict(), f"{acc.exact:.2f} % (exact) / {acc.cfe:.2f} % (CFE) of "
                             f"{acc.cells} cells within 2 cells of the truth")
         self.last_val = acc.as_dict()

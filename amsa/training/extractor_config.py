@@ -19,10 +19,11 @@ from amsa.training.pairs import HomographyPairSet, photo_paths
 __all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dataset", "pair_paths"]
 
 STAGES = ("teacher", "student")
-# Entries a resumed run must share with its checkpoint (they change what the run computes).
+# Entries a resumed run must share with its checkpoint (they change what the run computes; the optimiser
+# and schedule settings among them because their saved states override the config's on resume).
 EXTRACTOR_RESUME_KEYS = ("stage", "train_data", "batch_size", "grad_accum", "seed", "margin", "safe_radius",
                          "border", "min_correspondences", "distill_weight", "temperature", "nce_weight",
-                         "teacher_weights", "init_weights")
+                         "teacher_weights", "init_weights", "lr", "betas", "milestones", "lr_gamma")
 _GEOMETRY = ("corner_jitter", "scale", "max_rotation", "max_shift")
 
 

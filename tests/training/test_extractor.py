@@ -13,7 +13,8 @@ from amsa.models import AMSA, ContrasExtractorSep
 from amsa.models.extractors import LEARNED_FEATURE_WEIGHTS
 from amsa.training.config import load_config
 from amsa.training.contrastive import pair_losses
-from amsa.training.extractor import new_extractor, train_extractor
+from amsa.training.correspondence import KnownPair, correspondence_accuracy
+from amsa.training.extractor import ExtractorTrainer, new_extractor, train_extractor
 from amsa.training.extractor_config import ExtractorConfig, build_pair_dataset
 from amsa.training.pairs import feature_correspondences
 
@@ -92,6 +93,42 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="differs in"):
         train_extractor(_cfg(tmp_path / "b", updates=4, nce_weight=2.0),
                         resume=str(tmp_path / "b" / "checkpoint.pt"), log=lambda s: None)
+    for change in ({"lr": 2e-3}, {"milestones": [2]}):  # the saved optimiser/schedule would override these
+        with pytest.raises(ValueError, match=f"differs in \\['{next(iter(change))}'\\]"):
+            train_extractor(_cfg(tmp_path / "b", updates=4, nce_weight=1.0, **change),
+                            resume=str(tmp_path / "b" / "checkpoint.pt"), log=lambda s: None)
+
+
+def test_correspondence_accuracy_moves_the_images_to_the_features_device():
+    # held-out pairs are built on CPU; a module on another device (here 'meta') must receive them there
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = []
+
+        def forward(self, lr_up, ref):
+            self.seen.append((lr_up.device.type, ref.device.type))
+            raise StopIteration("recorded")
+
+    pair = KnownPair("p", torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), torch.zeros(4, 4, 2),
+                     torch.ones(4, 4, dtype=torch.bool))
+    features = Recording()
+    with pytest.raises(StopIteration, match="recorded"):
+        correspondence_accuracy(features, [pair])
+    assert features.seen == [("meta", "meta")]
+
+
+def test_a_failing_validation_keeps_the_update_checkpoint(tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(ExtractorTrainer, "validate", broken)
+    val = {**SAMPLE, "gt_size": 96, "per_image": 1, "seed": 1, "max_shift": 0.05}
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train_extractor(_cfg(tmp_path, val_data=val, val_every=2, ckpt_every=2), log=lambda s: None)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
 
 
 def test_config_errors(tmp_path):

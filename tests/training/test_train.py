@@ -280,6 +280,16 @@ def test_resume_rejects_a_different_config(tmp_path, photo_folder):
         train(other, resume=str(tmp_path / "checkpoint.pt"), model_factory=tiny_factory, log=lambda s: None)
 
 
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"lr_offset_1x": 1e-5}, {"betas": [0.5, 0.999]},
+                                    {"milestones": [2]}, {"lr_gamma": 0.5}, {"amp": "bf16"}])
+def test_resume_rejects_changed_optimiser_settings(tmp_path, photo_folder, change):
+    # the checkpoint's optimiser and schedule states would silently override these
+    train(_cfg(tmp_path, photo_folder, updates=1), model_factory=tiny_factory, log=lambda s: None)
+    with pytest.raises(ValueError, match=f"differs in \\['{next(iter(change))}'\\]"):
+        train(_cfg(tmp_path, photo_folder, **change), resume=str(tmp_path / "checkpoint.pt"),
+              model_factory=tiny_factory, log=lambda s: None)
+
+
 def test_config_errors(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"out_dir": "o", "train_data": {"kind": "cufed"}, "w_per": 0, "lr_typo": 1}))
