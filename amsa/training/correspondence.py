@@ -124,7 +124,9 @@ def correspondence_accuracy(features: Callable, pairs: Sequence[KnownPair], *, i
     total = 0
     device = _module_device(features)
     for pair in pairs:
-        lr_up, ref = (pair.lr_up, pair.ref) if device is None else (pair.lr_up.to(device), pair.ref.to(device))
+        lr_up, ref = pair.lr_up, pair.ref
+        if device is not None:
+            lr_up, ref = lr_up.to(device), ref.to(device)
         q, r = features(lr_up, ref)
         if tuple(q.shape[-2:]) != tuple(pair.truth.shape[:2]):
             raise ValueError(f"features: expected a {tuple(pair.truth.shape[:2])} grid (stride {STRIDE}) for "

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from amsa.training.config import check_run
 from amsa.training.pairs import HomographyPairSet, photo_paths
 
-__all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dataset", "pair_paths"]
+__all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dataset", "pair_paths",
+           "validation_geometry"]
 
 STAGES = ("teacher", "student")
 # Entries a resumed run must share with its checkpoint (they change what the run computes; the optimiser
@@ -127,5 +128,10 @@ def build_pair_dataset(spec: dict) -> HomographyPairSet:
 
 
 def validation_geometry(spec: dict) -> dict:
-    """The keyword arguments of :func:`amsa.training.correspondence.homography_pairs` in a ``val_data``."""
-    return {k: v for k, v in spec.items() if k in (*_GEOMETRY, "gt_size", "per_image", "seed")}
+    """The keyword arguments of :func:`amsa.training.correspondence.homography_pairs` in a ``val_data``
+    (unknown keys are errors)."""
+    args = {k: v for k, v in spec.items() if k in (*_GEOMETRY, "gt_size", "per_image", "seed")}
+    unknown = sorted(set(spec) - set(args) - {"kind", "root", "folder", "files"})
+    if unknown:
+        raise ValueError(f"train-extractor: unknown val_data keys {unknown}")
+    return args

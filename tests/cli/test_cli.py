@@ -259,3 +259,13 @@ def test_train_extractor_and_eval_extractor(tmp_path, capsys):
         "kind": "photos", "folder": "@sample"}}))
     with pytest.raises(SystemExit, match="teacher_weights"):
         main(["train-extractor", "--config", str(bad)])
+
+
+
+@pytest.mark.parametrize("command", ["train", "train-extractor"])
+def test_a_config_that_is_no_object_fails_in_one_line(tmp_path, command):
+    bad = tmp_path / "list.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=f"amsa {command}: error: .* must hold a JSON object") as info:
+        main([command, "--config", str(bad)])
+    assert "\n" not in str(info.value)

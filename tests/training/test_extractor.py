@@ -15,7 +15,7 @@ from amsa.training.config import load_config
 from amsa.training.contrastive import pair_losses
 from amsa.training.correspondence import KnownPair, correspondence_accuracy
 from amsa.training.extractor import ExtractorTrainer, new_extractor, train_extractor
-from amsa.training.extractor_config import ExtractorConfig, build_pair_dataset
+from amsa.training.extractor_config import ExtractorConfig, build_pair_dataset, validation_geometry
 from amsa.training.pairs import feature_correspondences
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,6 +142,10 @@ def test_config_errors(tmp_path):
     path.write_text(json.dumps({"out_dir": "x", "train_data": SAMPLE, "margn": 1}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(str(path), ExtractorConfig, what="train-extractor")
+    with pytest.raises(ValueError, match=r"unknown val_data keys \['per_imag'\]"):
+        validation_geometry({**SAMPLE, "per_imag": 1})
+    geometry = validation_geometry({**SAMPLE, "per_image": 1, "max_shift": 0.1})
+    assert geometry == {"per_image": 1, "max_shift": 0.1}
 
 
 @pytest.mark.parametrize("name", ["extractor_teacher", "extractor_student", "extractor_small_teacher",
