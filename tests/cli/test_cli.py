@@ -287,3 +287,9 @@ def test_a_config_that_is_no_object_fails_in_one_line(tmp_path, command):
     with pytest.raises(SystemExit, match=f"amsa {command}: error: .* must hold a JSON object") as info:
         main([command, "--config", str(bad)])
     assert "\n" not in str(info.value)
+
+
+def test_demo_bad_input_fails_in_one_line(tmp_path):
+    # a ValueError of the demo is bad input like the other commands': one line, no traceback
+    with pytest.raises(SystemExit, match=r"^amsa demo: error: demo_pair: hr_size 1024 exceeds the photo"):
+        main(["demo", "--size", "1024", "--out", str(tmp_path / "demo")])

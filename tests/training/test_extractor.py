@@ -99,6 +99,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
                             resume=str(tmp_path / "b" / "checkpoint.pt"), log=lambda s: None)
 
 
+def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, updates=4)
+    train_extractor(cfg, stop_after=2, log=lambda s: None)
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:  # a crash after update 3's progress line, before its checkpoint
+        f.write(json.dumps({"update": 3, "loss": 1.0}) + "\n" + '{"update": 4, "lo')
+    train_extractor(cfg, resume=str(tmp_path / "checkpoint.pt"), log=lambda s: None)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["update"] for x in lines] == [1, 2, 3, 4]
+    assert lines[2]["loss"] != 1.0  # the rewritten update 3
+
+
 def test_correspondence_accuracy_moves_the_images_to_the_features_device():
     # held-out pairs are built on CPU; a module on another device (here 'meta') must receive them there
     class Recording(torch.nn.Module):

@@ -273,6 +273,15 @@ def test_resume_is_bitwise_exact(tmp_path, photo_folder, adversarial, monkeypatc
             assert torch.equal(a, b)
 
 
+def test_a_non_finite_loss_stops_the_run(tmp_path, photo_folder):
+    class NaNRefSR(TinyRefSR):
+        def forward(self, lr, ref):
+            return super().forward(lr, ref) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"^train: non-finite loss at update 0: rec nan"):
+        train(_cfg(tmp_path, photo_folder), model_factory=lambda kw: NaNRefSR(**kw), log=lambda s: None)
+
+
 def test_resume_rejects_a_different_config(tmp_path, photo_folder):
     train(_cfg(tmp_path, photo_folder, updates=1), model_factory=tiny_factory, log=lambda s: None)
     other = _cfg(tmp_path, photo_folder, batch_size=3)
