@@ -176,7 +176,8 @@ def train(
     Args:
         cfg: the run's configuration.
         resume: a ``checkpoint.pt`` to continue from (its config must match ``cfg`` on model, data, batch,
-            accumulation, seed and loss weights, and it must come from the same number of processes).
+            accumulation, seed, loss weights and optimiser settings (:data:`amsa.training.state.RESUME_KEYS`),
+            and it must come from the same number of processes).
         stop_after: stop (with a checkpoint) once this many updates are done, as an interruption would;
             the learning-rate schedule still follows ``cfg.updates``.
         model_factory: builds the model from ``cfg.model`` (default :class:`amsa.AMSA`); the model must
