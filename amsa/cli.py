@@ -243,16 +243,14 @@ def _sr(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m amsa`` and of the ``amsa`` script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    commands = {"train": _train, "train-extractor": _train_extractor, "eval-extractor": _eval_extractor,
-                "eval": _eval, "sr": _sr}
+    commands = {"demo": _demo, "train": _train, "train-extractor": _train_extractor,
+                "eval-extractor": _eval_extractor, "eval": _eval, "sr": _sr}
     if args.command in commands:
         from amsa.models import CheckpointError
 
         try:
             return commands[args.command](args)
         except (FileNotFoundError, CheckpointError, ValueError) as exc:
-            # bad input: one clear line, no traceback (nothing was written: outputs are atomic)
+            # bad input: one clear line, no traceback (no output is half-written: outputs are atomic)
             raise SystemExit(f"amsa {args.command}: error: {exc}") from exc
     raise SystemExit(f"amsa: unknown command {args.command!r}")  # argparse rejects these first

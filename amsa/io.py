@@ -208,7 +208,8 @@ def read_json(path: str, what: str) -> object:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path`` then rename it to ``path``; on failure
     the temporary file is removed and ``path`` is untouched. The temporary name keeps the extension (image
-    writers pick the format from it)."""
+    writers pick the format from it). The file gets the permissions ``open`` would give a new file
+    (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -216,11 +217,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

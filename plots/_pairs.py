@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from amsa.demo.features import down_up
-from amsa.demo.pair import demo_pair, grid_truth
+from amsa.demo.pair import demo_pair
+from amsa.grid import cell_centres, grid_truth
 from amsa.io import load_image
 from amsa.training.pairs import HomographyPairSet, apply_homography, photo_paths
 
@@ -36,10 +37,7 @@ class StudyPair:
     def truth(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``truth`` [H/s, W/s, 2] in reference grid pixels and ``inside`` [H/s, W/s] (the true match's
         3x3 patch lies inside the reference grid; False where there is none)."""
-        h, w = self.lr_up.shape[-2] // stride, self.lr_up.shape[-1] // stride
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                                indexing="ij")
-        centres = torch.stack([ys, xs], -1) * stride + (stride - 1) / 2
+        centres = cell_centres((self.lr_up.shape[-2] // stride, self.lr_up.shape[-1] // stride), stride)
         return grid_truth(self.ref_of(centres), tuple(self.ref.shape[-2:]), stride)
 
 

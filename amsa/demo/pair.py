@@ -11,23 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from amsa.grid import cell_centres, grid_truth
 from amsa.io import bicubic_resize, load_image, sample_photo_path
 
-__all__ = ["DemoPair", "Geometry", "demo_pair", "grid_truth"]
+__all__ = ["DemoPair", "Geometry", "demo_pair", "grid_truth"]  # grid_truth: amsa.grid's
 
 
-def grid_truth(ref_yx: torch.Tensor, ref_size: tuple[int, int],
-               stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The truth on a matching grid of ``stride`` pixels per cell: ``ref_yx`` [h, w, 2] (y, x) reference
-    pixel coordinates of the query cells' centres (pixel ``s i + (s - 1) / 2``), ``ref_size`` the
-    reference's (H, W) in pixels. Returns ``truth`` [h, w, 2] float32 in reference cells,
-    ``(p - (s - 1) / 2) / s``, and ``inside`` [h, w] bool: the truth's 3x3 patch lies inside the
-    reference grid (``floor(H / s) x floor(W / s)`` cells)."""
-    truth = ((ref_yx.to(torch.float64) - (stride - 1) / 2) / stride).to(torch.float32)
-    h2, w2 = ref_size[0] // stride, ref_size[1] // stride
-    inside = ((truth[..., 0] >= 1) & (truth[..., 0] <= h2 - 2)
-              & (truth[..., 1] >= 1) & (truth[..., 1] <= w2 - 2))
-    return truth, inside
 
 @dataclass(frozen=True)
 class Geometry:
@@ -92,10 +81,7 @@ class DemoPair:
         """:func:`grid_truth` of the query (LR-up) on a grid of ``stride`` pixels per cell: ``truth``
         [H/s, W/s, 2] in reference cells and ``inside`` [H/s, W/s] (stride 1: :meth:`true_positions` and
         :meth:`overlap_mask`)."""
-        h, w = self.hr.shape[-2] // stride, self.hr.shape[-1] // stride
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                                indexing="ij")
-        centres = torch.stack([stride * ys, stride * xs], -1) + (stride - 1) / 2
+        centres = cell_centres((self.hr.shape[-2] // stride, self.hr.shape[-1] // stride), stride)
         s = torch.tensor(self.geometry.scale, dtype=torch.float64)
         t = torch.tensor(self.geometry.shift, dtype=torch.float64)
         return grid_truth(centres * s + t, tuple(self.ref.shape[-2:]), stride)

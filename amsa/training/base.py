@@ -11,8 +11,10 @@ optimiser, schedule), ``wrappers`` (the DDP wrappers its micro-batches call), :m
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -22,12 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from amsa.io import append_jsonl, write_json
+from amsa.io import append_jsonl, atomic_write, write_json
 from amsa.training.data import TrainBatchSampler
-from amsa.training.distributed import ProcessGroup, no_sync, resolve_device
-from amsa.training.state import RESUME_KEYS, Part, load_checkpoint, save_checkpoint
+from amsa.training.distributed import ProcessGroup, device_kind, no_sync, resolve_device
+from amsa.training.state import CHECKPOINT_NAME, RESUME_KEYS, Part, load_checkpoint, save_checkpoint
 
-__all__ = ["BaseTrainer", "adam", "fmt_terms", "launch"]
+__all__ = ["BaseTrainer", "adam", "fmt_terms", "launch", "main_run"]
 
 T = TypeVar("T")
 
@@ -40,7 +42,8 @@ def fmt_eta(seconds: float) -> str:
 
 
 def fmt_terms(terms: dict) -> str:
-    return " ".join(f"{k} {float(v):.4g}" for k, v in terms.items())
+    return " ".join(f"{k} {float(v.detach() if isinstance(v, torch.Tensor) else v):.4g}"
+                    for k, v in terms.items())
 
 
 def adam(module_or_groups, cfg, lr: float):
@@ -56,18 +59,25 @@ class BaseTrainer:
 
     weights_name = "weights.pth"
     resume_keys: tuple[str, ...] = RESUME_KEYS
+    command = "train"  # names the run in its errors
 
     def __init__(self, cfg, pg: ProcessGroup, log: Callable[[str], None]):
+        """The process's device, then the global torch generator seeded with ``cfg.seed`` (a subclass
+        builds its modules after this, so their initialisation follows the seed)."""
         self.cfg, self.pg, self.log = cfg, pg, log
         self.device = resolve_device(cfg.device, pg.local_rank)
         self.parts: list[Part] = []
         self.wrappers: list[nn.Module] = []
         self.step = 0
+        torch.manual_seed(cfg.seed)
 
     # -- set-up -----------------------------------------------------------------------------------------
     def resume(self, path: str) -> None:
+        """Restore the checkpoint at ``path``; on the main process drop the lines of ``log.jsonl`` written
+        after it (updates past its step), which the resumed run writes again."""
         self.step = load_checkpoint(path, self.cfg.to_dict(), self.pg.world, self.parts, self.resume_keys)
         if self.pg.main:
+            _truncate_log(os.path.join(self.cfg.out_dir, "log.jsonl"), self.step)
             self.log(f"resumed from {path} at update {self.step}")
 
     def start_data(self, dataset: Dataset) -> None:
@@ -94,6 +104,12 @@ class BaseTrainer:
     def train_mode(self) -> None:
         """Put the trained modules in training mode (frozen ones stay in eval mode)."""
         raise NotImplementedError
+
+    def check_finite(self, loss: torch.Tensor, terms: dict) -> None:
+        """Stop the run on a non-finite loss, with the loss terms."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.command}: non-finite loss at update {self.step}: {fmt_terms(terms)}")
 
     # -- the loop ---------------------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
@@ -147,13 +163,17 @@ class BaseTrainer:
             last = self.step == end
             if pg.main and cfg.log_every and (self.step % cfg.log_every == 0 or last):
                 self.log_progress(sums, (self.step - step0) / max(time.time() - t0, 1e-9))
-            if cfg.val_data and cfg.val_every and (self.step % cfg.val_every == 0 or last):
-                if pg.main:
-                    self.validate()
-                pg.barrier()
+            # the checkpoint first, so a validation that fails loses no update; validation runs on a forked
+            # torch RNG, so the states the checkpoint took before it continue the run exactly
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
                 if pg.main:
                     self.save()
+                pg.barrier()
+            if cfg.val_data and cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                if pg.main:
+                    devices = [self.device.index] if self.device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=devices):
+                        self.validate()
                 pg.barrier()
 
 
@@ -161,15 +181,49 @@ def launch(cfg, make_trainer: Callable[[ProcessGroup], BaseTrainer], result: Cal
            resume: str | None, stop_after: int | None) -> T:
     """Build the trainer in this process's group, resume it if asked, prepare it (``prepare()``), run it
     to ``cfg.updates`` (or ``stop_after``) and return ``result(trainer)``."""
-    device_kind = (
-        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    pg = ProcessGroup(device_kind)
+    pg = ProcessGroup(device_kind(cfg.device))
     try:
         end = cfg.updates if stop_after is None else min(cfg.updates, stop_after)
         return _run(make_trainer(pg), resume, end, result)
     finally:
         pg.close()
+
+
+def main_run(cfg, train: Callable[..., object], weights_name: str, resume: str | None) -> int:
+    """The command-line run of a trainer: ``resume="auto"`` continues from ``out_dir/checkpoint.pt`` if
+    it exists (else starts afresh); ``train(cfg, resume=...)`` returns a state with ``step``; the main
+    process reports where the weights are."""
+    if resume == "auto":
+        candidate = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
+        resume = candidate if os.path.isfile(candidate) else None
+    state = train(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {state.step} updates; weights in {os.path.join(cfg.out_dir, weights_name)}",
+              file=sys.stderr)
+    return 0
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop the lines of a ``log.jsonl`` past update ``step`` (and any torn line), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # cut short by the interruption
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("update"), int) and entry["update"] > step:
+            continue
+        kept.append(line)
+    if kept != lines:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+
+        atomic_write(path, write)
 
 
 def _run(trainer: BaseTrainer, resume: str | None, end: int, result: Callable[[BaseTrainer], T]) -> T:

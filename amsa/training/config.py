@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -100,12 +103,54 @@ def load_config(path: str, cls: type = None, *, what: str = "train", **overrides
     replace its keys. Unknown keys are errors."""
     cls = TrainConfig if cls is None else cls
     raw = read_json(path, f"{what}: config file")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what}: config file {path!r} must hold a JSON object, got {type(raw).__name__}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown} in {path!r}; valid keys: {sorted(known)}")
+        raise ValueError(f"{what}: unknown keys {unknown} in {path!r}; valid keys: {sorted(fields)}")
+    missing = sorted(name for name, f in fields.items() if name not in raw
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{what}: {path!r} needs the keys {missing}")
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        if not _has_type(value, hints[key]):
+            raise ValueError(f"{what}: {key} in {path!r} must be {_type_name(hints[key])}, got {value!r}")
     return cls(**raw)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a JSON value fits a config field's annotation (an int is a float; a list is a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        elems = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return len(elems) == len(value) and all(_has_type(v, a) for v, a in zip(value, elems))
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: object) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        plural = {int: "integers", float: "numbers"}.get(args[0], "values")
+        return f"a list of {plural}" if args[-1] is Ellipsis else f"a list of {len(args)} {plural}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a JSON object"}.get(origin or hint, str(hint))
 
 
 def check_run(cfg, what: str) -> None:
@@ -120,19 +165,35 @@ def check_run(cfg, what: str) -> None:
 
 
 def build_dataset(spec: dict, *, train: bool) -> torch.utils.data.Dataset:
-    """A dataset from a config entry ``{"kind": ..., <constructor arguments>}`` (``max_images`` ignored)."""
+    """A dataset from a config entry ``{"kind": ..., <constructor arguments>}`` (``max_images`` ignored);
+    unknown or missing constructor arguments are errors naming the entry."""
+    entry = "train_data" if train else "val_data"
+    if not isinstance(spec, dict):
+        raise ValueError(f"train: {entry} must be a JSON object, got {spec!r}")
     args = {k: v for k, v in spec.items() if k not in ("kind", "max_images")}
     kind = spec.get("kind")
     if kind == "cufed" and train:
-        return CUFEDTrainSet(**args)
+        return _construct(CUFEDTrainSet, args, entry, kind)
     if kind == "cufed5" and not train:
-        return CUFED5TestSet(**args)
+        return _construct(CUFED5TestSet, args, entry, kind)
     if kind == "self_reference":
         if not train:
             args.setdefault("augment_data", False)
-        return SelfReferenceSet(**args)
+        return _construct(SelfReferenceSet, args, entry, kind)
     valid = "'cufed', 'self_reference'" if train else "'cufed5', 'self_reference'"
     raise ValueError(f"train: data kind {kind!r} is not valid here; use one of {valid}")
+
+
+def _construct(dataset_cls: type, args: dict, entry: str, kind: str) -> torch.utils.data.Dataset:
+    params = inspect.signature(dataset_cls).parameters
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ValueError(f"train: unknown {entry} keys {unknown} for kind {kind!r}; valid keys: "
+                         f"{sorted(params)}")
+    missing = sorted(n for n, p in params.items() if p.default is p.empty and n not in args)
+    if missing:
+        raise ValueError(f"train: {entry} of kind {kind!r} needs the keys {missing}")
+    return dataset_cls(**args)
 
 
 def param_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:

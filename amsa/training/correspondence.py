@@ -9,23 +9,25 @@ cells (2 cells = 8 HR pixels). Features come from :class:`amsa.demo.features.Mat
 learned extractor, the filter bank, or a random-weight extractor).
 
 The truth of a cell is where its centre (HR pixel ``4i + 1.5``) lands in the reference, in cells
-(``(p - 1.5) / 4``): :class:`KnownPair` holds it for pairs made by a homography
-(:func:`homography_pairs`), a scale and shift (:func:`demo_known_pair`) or a disparity map (the stereo pair
-of ``plots.convergence``).
+(``(p - 1.5) / 4``; :func:`amsa.grid.grid_truth`): :class:`KnownPair` holds it for pairs made by a
+homography (:func:`homography_pairs`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from amsa.grid import cell_centres, grid_truth
 from amsa.matching import cfe_patchmatch, enumerated_match
 from amsa.training.pairs import STRIDE, HomographyPairSet, apply_homography
 
-__all__ = ["PAPER_ITERS", "TOLERANCE", "Accuracy", "KnownPair", "baselines", "cell_centres",
-           "correspondence_accuracy", "demo_known_pair", "errors", "homography_pairs", "main_eval_extractor"]
+__all__ = ["PAPER_ITERS", "TOLERANCE", "Accuracy", "KnownPair", "baselines", "correspondence_accuracy",
+           "errors", "homography_pairs", "main_eval_extractor"]
 
 PAPER_ITERS = (1, 1, 2, 6)
 TOLERANCE = 2.0  # cells of the matching grid
@@ -46,22 +48,6 @@ class KnownPair:
     inside: torch.Tensor
 
 
-def cell_centres(cells: tuple[int, int]) -> torch.Tensor:
-    """[h, w, 2] (y, x) HR pixel-index coordinates of the cell centres ``4 i + 1.5`` (float64)."""
-    ys, xs = torch.meshgrid(torch.arange(cells[0], dtype=torch.float64),
-                            torch.arange(cells[1], dtype=torch.float64), indexing="ij")
-    return torch.stack([STRIDE * ys + 1.5, STRIDE * xs + 1.5], -1)
-
-
-def _known(name: str, lr_up: torch.Tensor, ref: torch.Tensor, ref_yx: torch.Tensor) -> KnownPair:
-    """A pair from the reference HR pixel coordinates (y, x) of every LR-up cell centre [h, w, 2]."""
-    truth = ((ref_yx - 1.5) / STRIDE).to(torch.float32)
-    h2, w2 = ref.shape[-2] // STRIDE, ref.shape[-1] // STRIDE
-    inside = ((truth[..., 0] >= 1) & (truth[..., 0] <= h2 - 2)
-              & (truth[..., 1] >= 1) & (truth[..., 1] <= w2 - 2))
-    return KnownPair(name, lr_up, ref, truth, inside)
-
-
 def homography_pairs(paths: Sequence[str], per_image: int = 2, *, gt_size: int = 192, seed: int = 0,
                      **geometry) -> list[KnownPair]:
     """``per_image`` pairs of every image (:class:`amsa.training.pairs.HomographyPairSet` items with the
@@ -71,17 +57,11 @@ def homography_pairs(paths: Sequence[str], per_image: int = 2, *, gt_size: int =
     for i in range(len(paths)):
         for k in range(per_image):
             s = data[(i, seed * 2**20 + i * per_image + k)]
-            cells = (gt_size // STRIDE, gt_size // STRIDE)
-            xy = apply_homography(s["homography"], cell_centres(cells).flip(-1))
-            pairs.append(_known(s["name"], s["img_in_up"][None], s["img_ref"][None], xy.flip(-1)))
+            xy = apply_homography(s["homography"], cell_centres((gt_size // STRIDE,) * 2, STRIDE).flip(-1))
+            ref = s["img_ref"][None]
+            truth, inside = grid_truth(xy.flip(-1), tuple(ref.shape[-2:]), STRIDE)
+            pairs.append(KnownPair(s["name"], s["img_in_up"][None], ref, truth, inside))
     return pairs
-
-
-def demo_known_pair(pair, name: str = "demo") -> KnownPair:
-    """The demo pair (:class:`amsa.demo.pair.DemoPair`: LR-up against the sharp reference) with its
-    scale-and-shift truth."""
-    cells = (pair.lr_up.shape[-2] // STRIDE, pair.lr_up.shape[-1] // STRIDE)
-    return _known(name, pair.lr_up, pair.ref, pair.geometry.hr_to_ref(cell_centres(cells)).double())
 
 
 @dataclass(frozen=True)
@@ -103,15 +83,29 @@ def errors(pos: torch.Tensor, pair: KnownPair) -> torch.Tensor:
     return (pos.to(torch.float32) - pair.truth.to(pos.device)).norm(dim=-1)
 
 
+def _module_device(features: Callable) -> torch.device | None:
+    """The device of a module's first parameter (or buffer); ``None`` for a plain callable or an empty
+    module (the images then stay where they are)."""
+    if not isinstance(features, nn.Module):
+        return None
+    first = next(itertools.chain(features.parameters(), features.buffers()), None)
+    return None if first is None else first.device
+
+
 @torch.no_grad()
 def correspondence_accuracy(features: Callable, pairs: Sequence[KnownPair], *, iters=PAPER_ITERS,
                             seed: int = 0, tolerance: float = TOLERANCE) -> Accuracy:
     """Match every pair on ``features(lr_up, ref) -> (K, Q)`` (stride 4) exactly and with CFE-PatchMatch
-    ``iters`` (seeded) and count the inside cells within ``tolerance`` cells of the truth."""
+    ``iters`` (seeded) and count the inside cells within ``tolerance`` cells of the truth. The pairs'
+    images are moved to the device of ``features`` when it is a module with parameters or buffers."""
     hits = {"exact": 0, "cfe": 0}
     total = 0
+    device = _module_device(features)
     for pair in pairs:
-        q, r = features(pair.lr_up, pair.ref)
+        lr_up, ref = pair.lr_up, pair.ref
+        if device is not None:
+            lr_up, ref = lr_up.to(device), ref.to(device)
+        q, r = features(lr_up, ref)
         if tuple(q.shape[-2:]) != tuple(pair.truth.shape[:2]):
             raise ValueError(f"features: expected a {tuple(pair.truth.shape[:2])} grid (stride {STRIDE}) for "
                              f"{pair.name}, got {tuple(q.shape[-2:])}")

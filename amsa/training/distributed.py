@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ProcessGroup", "no_sync", "resolve_device", "unwrap"]
+__all__ = ["ProcessGroup", "device_kind", "no_sync", "resolve_device", "unwrap"]
 
 
 class ProcessGroup:
@@ -109,9 +109,15 @@ def unwrap(module: nn.Module | None) -> nn.Module | None:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def device_kind(device: str) -> str:
+    """``"cuda"`` or ``"cpu"``: the kind of device a config's ``device`` asks for (``"auto"``: CUDA if
+    available)."""
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(device: str, local_rank: int) -> torch.device:
-    """The process's device for a config's ``device`` (``"auto"``: its GPU if any, else CPU)."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    """The process's device for a config's ``device`` (:func:`device_kind`; CUDA: its local GPU)."""
+    if device_kind(device) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("train: device 'cuda' requested but CUDA is not available")
         torch.cuda.set_device(local_rank)

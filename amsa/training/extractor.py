@@ -20,8 +20,6 @@ filter bank's figure on the same pairs is logged once at the start for compariso
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from torch import nn
 
 from amsa.demo.features import MatchingFeatures
 from amsa.models import ContrasExtractorSep
-from amsa.training.base import BaseTrainer, adam, fmt_terms, launch
+from amsa.training.base import BaseTrainer, adam, launch, main_run
 from amsa.training.config import load_config
 from amsa.training.contrastive import pair_losses
 from amsa.training.correspondence import correspondence_accuracy, homography_pairs
@@ -44,7 +42,7 @@ from amsa.training.extractor_config import (
     validation_geometry,
 )
 from amsa.training.pairs import feature_correspondences
-from amsa.training.state import CHECKPOINT_NAME, Part
+from amsa.training.state import Part
 
 __all__ = ["WEIGHTS_NAME", "ExtractorState", "ExtractorTrainer", "main_train_extractor", "train_extractor"]
 
@@ -75,10 +73,10 @@ class ExtractorTrainer(BaseTrainer):
 
     weights_name = WEIGHTS_NAME
     resume_keys = EXTRACTOR_RESUME_KEYS
+    command = "train-extractor"
 
     def __init__(self, cfg: ExtractorConfig, pg: ProcessGroup, log: Callable[[str], None]):
-        super().__init__(cfg, pg, log)
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, pg, log)  # seeds the global generator
         self.net = new_extractor(cfg.init_weights).to(self.device)
         self.teacher = None
         if cfg.stage == "student":
@@ -149,14 +147,12 @@ class ExtractorTrainer(BaseTrainer):
                              "geometry's shift)")
         terms = {k: v / used for k, v in sums.items()}
         (terms["loss"] / cfg.grad_accum).backward()
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
-                f"train-extractor: non-finite loss at update {self.step}: {fmt_terms(terms)}")
+        self.check_finite(terms["loss"], terms)
         return {k: v.detach() for k, v in terms.items()}
 
     def validate(self) -> None:
         acc = correspondence_accuracy(MatchingFeatures.learned(self.net.eval()), self.val_pairs)
-        self.net.train()
+        self.train_mode()
         self.log_validation(acc.as_dict(), f"{acc.exact:.2f} % (exact) / {acc.cfe:.2f} % (CFE) of "
                             f"{acc.cells} cells within 2 cells of the truth")
         self.last_val = acc.as_dict()
@@ -182,11 +178,4 @@ def train_extractor(cfg: ExtractorConfig, *, resume: str | None = None, stop_aft
 def main_train_extractor(config: str, *, resume: str | None = None, out_dir: str | None = None) -> int:
     """``python -m amsa train-extractor``: load the config, train, report where the weights are."""
     cfg = load_config(config, ExtractorConfig, what="train-extractor", out_dir=out_dir)
-    if resume == "auto":
-        candidate = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
-        resume = candidate if os.path.isfile(candidate) else None
-    state = train_extractor(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {state.step} updates; weights in {os.path.join(cfg.out_dir, WEIGHTS_NAME)}",
-              file=sys.stderr)
-    return 0
+    return main_run(cfg, train_extractor, WEIGHTS_NAME, resume)

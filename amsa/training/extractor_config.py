@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from amsa.training.config import check_run
 from amsa.training.pairs import HomographyPairSet, photo_paths
 
-__all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dataset", "pair_paths"]
+__all__ = ["EXTRACTOR_RESUME_KEYS", "STAGES", "ExtractorConfig", "build_pair_dataset", "pair_paths",
+           "validation_geometry"]
 
 STAGES = ("teacher", "student")
-# Entries a resumed run must share with its checkpoint (they change what the run computes).
+# Entries a resumed run must share with its checkpoint (they change what the run computes; the optimiser
+# and schedule settings among them because their saved states override the config's on resume).
 EXTRACTOR_RESUME_KEYS = ("stage", "train_data", "batch_size", "grad_accum", "seed", "margin", "safe_radius",
                          "border", "min_correspondences", "distill_weight", "temperature", "nce_weight",
-                         "teacher_weights", "init_weights")
+                         "teacher_weights", "init_weights", "lr", "betas", "milestones", "lr_gamma")
 _GEOMETRY = ("corner_jitter", "scale", "max_rotation", "max_shift")
 
 
@@ -126,5 +128,10 @@ def build_pair_dataset(spec: dict) -> HomographyPairSet:
 
 
 def validation_geometry(spec: dict) -> dict:
-    """The keyword arguments of :func:`amsa.training.correspondence.homography_pairs` in a ``val_data``."""
-    return {k: v for k, v in spec.items() if k in (*_GEOMETRY, "gt_size", "per_image", "seed")}
+    """The keyword arguments of :func:`amsa.training.correspondence.homography_pairs` in a ``val_data``
+    (unknown keys are errors)."""
+    args = {k: v for k, v in spec.items() if k in (*_GEOMETRY, "gt_size", "per_image", "seed")}
+    unknown = sorted(set(spec) - set(args) - {"kind", "root", "folder", "files"})
+    if unknown:
+        raise ValueError(f"train-extractor: unknown val_data keys {unknown}")
+    return args

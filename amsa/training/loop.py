@@ -35,8 +35,6 @@ update counter, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +43,7 @@ from torch import nn
 
 from amsa.evaluation.evaluate import evaluate
 from amsa.models import AMSA, VGGFeatures
-from amsa.training.base import BaseTrainer, adam, fmt_terms, launch
+from amsa.training.base import BaseTrainer, adam, launch, main_run
 from amsa.training.config import TrainConfig, build_dataset, load_config, param_groups
 from amsa.training.distributed import ProcessGroup
 from amsa.training.losses import (
@@ -56,7 +54,7 @@ from amsa.training.losses import (
     wgan_critic_loss,
     wgan_generator_loss,
 )
-from amsa.training.state import CHECKPOINT_NAME, Part
+from amsa.training.state import Part
 
 __all__ = ["TrainState", "Trainer", "main_train", "train"]
 
@@ -70,7 +68,6 @@ class TrainState:
     model: nn.Module
     disc: nn.Module | None
     step: int
-    last_val_psnr: float | None
 
 
 class Trainer(BaseTrainer):
@@ -81,8 +78,7 @@ class Trainer(BaseTrainer):
 
     def __init__(self, cfg: TrainConfig, pg: ProcessGroup, model_factory: Callable[[dict], nn.Module],
                  log: Callable[[str], None]):
-        super().__init__(cfg, pg, log)
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, pg, log)  # seeds the global generator
         self.model = model_factory(dict(cfg.model)).to(self.device)
         self.net = getattr(self.model, "net", None)
         if not isinstance(self.net, nn.Module):
@@ -96,7 +92,6 @@ class Trainer(BaseTrainer):
         self.parts = [Part("net", "g", self.net, *adam(param_groups(self.net, cfg), cfg, cfg.lr))]
         if self.disc is not None:
             self.parts.append(Part("disc", "d", self.disc, *adam(self.disc.parameters(), cfg, cfg.lr_d)))
-        self.last_val: float | None = None
 
     def prepare(self) -> None:
         """Identical replicas, the DDP wrappers the loop calls (the bare modules with one process;
@@ -155,8 +150,7 @@ class Trainer(BaseTrainer):
         (loss / cfg.grad_accum).backward()
         if self.disc is not None:
             self.disc.requires_grad_(True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train: non-finite loss at update {self.step}: {fmt_terms(terms)}")
+        self.check_finite(loss, terms)
         return terms
 
     def validate(self) -> None:
@@ -167,7 +161,6 @@ class Trainer(BaseTrainer):
         where = f" (reference level {levels[0]})" if levels else ""
         self.log_validation({"val_psnr": psnr_value, "val_ssim": ssim_value},
                             f"PSNR {psnr_value:.3f} dB, SSIM {ssim_value:.4f}", where)
-        self.last_val = psnr_value
 
 
 def train(
@@ -183,7 +176,8 @@ def train(
     Args:
         cfg: the run's configuration.
         resume: a ``checkpoint.pt`` to continue from (its config must match ``cfg`` on model, data, batch,
-            accumulation, seed and loss weights, and it must come from the same number of processes).
+            accumulation, seed, loss weights and optimiser settings (:data:`amsa.training.state.RESUME_KEYS`),
+            and it must come from the same number of processes).
         stop_after: stop (with a checkpoint) once this many updates are done, as an interruption would;
             the learning-rate schedule still follows ``cfg.updates``.
         model_factory: builds the model from ``cfg.model`` (default :class:`amsa.AMSA`); the model must
@@ -192,20 +186,10 @@ def train(
     """
     factory = model_factory or (lambda kwargs: AMSA(**kwargs))
     return launch(cfg, lambda pg: Trainer(cfg, pg, factory, log or print),
-                  lambda t: TrainState(model=t.model, disc=t.disc, step=t.step, last_val_psnr=t.last_val),
+                  lambda t: TrainState(model=t.model, disc=t.disc, step=t.step),
                   resume=resume, stop_after=stop_after)
 
 
 def main_train(config: str, *, resume: str | None = None, out_dir: str | None = None) -> int:
     """``python -m amsa train``: load the config, train, report where the results are."""
-    cfg = load_config(config, out_dir=out_dir)
-    if resume == "auto":
-        candidate = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
-        resume = candidate if os.path.isfile(candidate) else None
-    state = train(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"done: {state.step} updates; weights in {os.path.join(cfg.out_dir, WEIGHTS_NAME)}",
-            file=sys.stderr,
-        )
-    return 0
+    return main_run(load_config(config, out_dir=out_dir), train, WEIGHTS_NAME, resume)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from amsa.grid import cell_centres
 from amsa.io import bicubic_resize, load_image
 from amsa.training.data import _list_images, _random_augment, _split_index, make_lr
 
@@ -154,9 +155,7 @@ def feature_correspondences(
     feature map (row-major ``i * w1 + j``) and (row, col) [n, 2] int64 of the reference cells."""
     h1, w1 = in_cells
     h2, w2 = ref_cells
-    ys, xs = torch.meshgrid(torch.arange(h1, dtype=torch.float64), torch.arange(w1, dtype=torch.float64),
-                            indexing="ij")
-    centres = torch.stack([STRIDE * xs + 1.5, STRIDE * ys + 1.5], -1).view(-1, 2)
+    centres = cell_centres((h1, w1), STRIDE).flip(-1).reshape(-1, 2)  # (x, y)
     p = apply_homography(h, centres)
     inside = ((p[:, 0] >= border) & (p[:, 0] <= STRIDE * w2 - 1 - border)
               & (p[:, 1] >= border) & (p[:, 1] <= STRIDE * h2 - 1 - border))

@@ -20,8 +20,11 @@ from amsa.training.distributed import unwrap
 __all__ = ["CHECKPOINT_NAME", "RESUME_KEYS", "Part", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# Config entries a resumed run must share with the checkpoint (they change what the run computes).
-RESUME_KEYS = ("model", "train_data", "batch_size", "grad_accum", "seed", "w_rec", "w_per", "w_adv")
+# Config entries a resumed run must share with the checkpoint (they change what the run computes; the
+# optimiser and schedule settings among them because their saved states override the config's on resume).
+RESUME_KEYS = ("model", "train_data", "batch_size", "grad_accum", "seed", "w_rec", "w_per", "w_adv",
+               "lr", "lr_offset_1x", "lr_offset_2x", "lr_d", "betas", "milestones", "lr_gamma", "amp",
+               "gp_weight", "perceptual_vgg_weights", "disc_ndf")
 
 
 @dataclass

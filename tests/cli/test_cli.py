@@ -4,6 +4,7 @@ matching levels, two reference scales; random matching/VGG extractors, since no 
 import csv
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from amsa.cli import main
 from amsa.evaluation.evaluate import load_model, super_resolve
 from amsa.evaluation.metrics import psnr, quantize_8bit
-from amsa.io import load_image, sample_photo_path
+from amsa.io import atomic_write, load_image, sample_photo_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM:UserWarning")
 
@@ -76,6 +77,23 @@ def test_train_writes_checkpoint_weights_and_log(run):
     assert any("val_psnr" in line and np.isfinite(line["val_psnr"]) for line in lines)
     sd = torch.load(run / "restoration.pth", weights_only=True)
     assert any(k.startswith("dyn_agg_restore.small_offset_conv1") for k in sd)  # official names
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("checkpoint.pt", "restoration.pth", "config.json"):  # atomic outputs: not mkstemp's 0600
+        assert stat.S_IMODE(os.stat(run / name).st_mode) == 0o666 & ~mask, name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_a_new_file_the_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "out.txt", lambda p: open(p, "w").close())
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    got = stat.S_IMODE(os.stat(tmp_path / "out.txt").st_mode)
+    assert got == 0o666 & ~umask == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
 
 
 def test_training_amsa_reduces_loss_on_a_fixed_batch(tmp_path):
@@ -259,3 +277,19 @@ def test_train_extractor_and_eval_extractor(tmp_path, capsys):
         "kind": "photos", "folder": "@sample"}}))
     with pytest.raises(SystemExit, match="teacher_weights"):
         main(["train-extractor", "--config", str(bad)])
+
+
+
+@pytest.mark.parametrize("command", ["train", "train-extractor"])
+def test_a_config_that_is_no_object_fails_in_one_line(tmp_path, command):
+    bad = tmp_path / "list.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=f"amsa {command}: error: .* must hold a JSON object") as info:
+        main([command, "--config", str(bad)])
+    assert "\n" not in str(info.value)
+
+
+def test_demo_bad_input_fails_in_one_line(tmp_path):
+    # a ValueError of the demo is bad input like the other commands': one line, no traceback
+    with pytest.raises(SystemExit, match=r"^amsa demo: error: demo_pair: hr_size 1024 exceeds the photo"):
+        main(["demo", "--size", "1024", "--out", str(tmp_path / "demo")])

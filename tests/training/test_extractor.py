@@ -13,8 +13,9 @@ from amsa.models import AMSA, ContrasExtractorSep
 from amsa.models.extractors import LEARNED_FEATURE_WEIGHTS
 from amsa.training.config import load_config
 from amsa.training.contrastive import pair_losses
-from amsa.training.extractor import new_extractor, train_extractor
-from amsa.training.extractor_config import ExtractorConfig, build_pair_dataset
+from amsa.training.correspondence import KnownPair, correspondence_accuracy
+from amsa.training.extractor import ExtractorTrainer, new_extractor, train_extractor
+from amsa.training.extractor_config import ExtractorConfig, build_pair_dataset, validation_geometry
 from amsa.training.pairs import feature_correspondences
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,6 +93,54 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="differs in"):
         train_extractor(_cfg(tmp_path / "b", updates=4, nce_weight=2.0),
                         resume=str(tmp_path / "b" / "checkpoint.pt"), log=lambda s: None)
+    for change in ({"lr": 2e-3}, {"milestones": [2]}):  # the saved optimiser/schedule would override these
+        with pytest.raises(ValueError, match=f"differs in \\['{next(iter(change))}'\\]"):
+            train_extractor(_cfg(tmp_path / "b", updates=4, nce_weight=1.0, **change),
+                            resume=str(tmp_path / "b" / "checkpoint.pt"), log=lambda s: None)
+
+
+def test_resume_drops_the_log_lines_written_after_the_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, updates=4)
+    train_extractor(cfg, stop_after=2, log=lambda s: None)
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:  # a crash after update 3's progress line, before its checkpoint
+        f.write(json.dumps({"update": 3, "loss": 1.0}) + "\n" + '{"update": 4, "lo')
+    train_extractor(cfg, resume=str(tmp_path / "checkpoint.pt"), log=lambda s: None)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["update"] for x in lines] == [1, 2, 3, 4]
+    assert lines[2]["loss"] != 1.0  # the rewritten update 3
+
+
+def test_correspondence_accuracy_moves_the_images_to_the_features_device():
+    # held-out pairs are built on CPU; a module on another device (here 'meta') must receive them there
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = []
+
+        def forward(self, lr_up, ref):
+            self.seen.append((lr_up.device.type, ref.device.type))
+            raise StopIteration("recorded")
+
+    pair = KnownPair("p", torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), torch.zeros(4, 4, 2),
+                     torch.ones(4, 4, dtype=torch.bool))
+    features = Recording()
+    with pytest.raises(StopIteration, match="recorded"):
+        correspondence_accuracy(features, [pair])
+    assert features.seen == [("meta", "meta")]
+
+
+def test_a_failing_validation_keeps_the_update_checkpoint(tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(ExtractorTrainer, "validate", broken)
+    val = {**SAMPLE, "gt_size": 96, "per_image": 1, "seed": 1, "max_shift": 0.05}
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train_extractor(_cfg(tmp_path, val_data=val, val_every=2, ckpt_every=2), log=lambda s: None)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
 
 
 def test_config_errors(tmp_path):
@@ -105,6 +154,10 @@ def test_config_errors(tmp_path):
     path.write_text(json.dumps({"out_dir": "x", "train_data": SAMPLE, "margn": 1}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(str(path), ExtractorConfig, what="train-extractor")
+    with pytest.raises(ValueError, match=r"unknown val_data keys \['per_imag'\]"):
+        validation_geometry({**SAMPLE, "per_imag": 1})
+    geometry = validation_geometry({**SAMPLE, "per_image": 1, "max_shift": 0.1})
+    assert geometry == {"per_image": 1, "max_shift": 0.1}
 
 
 @pytest.mark.parametrize("name", ["extractor_teacher", "extractor_student", "extractor_small_teacher",

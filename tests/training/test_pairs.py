@@ -144,3 +144,18 @@ def test_pair_set_errors(tmp_path):
         HomographyPairSet([path], gt_size=64)[0]
     with pytest.raises(ValueError, match="unknown data keys"):
         build_pair_dataset({"kind": "photos", "folder": str(tmp_path), "gt_sise": 64})
+
+
+def test_one_grid_truth_for_training_demo_and_plots():
+    from amsa.demo.pair import grid_truth as demo_grid_truth
+    from amsa.grid import cell_centres, grid_truth
+
+    assert demo_grid_truth is grid_truth  # one implementation, below both training and demo
+    c = cell_centres((2, 3), 4)
+    assert c.dtype == torch.float64 and c.shape == (2, 3, 2)
+    assert c[1, 2].tolist() == [5.5, 9.5] and cell_centres((1, 1), 1)[0, 0].tolist() == [0.0, 0.0]
+    ref_yx = c.clone() + 4.0  # one cell down and right, on a 4 x 5 cell reference
+    ref_yx[0, 0] = float("nan")
+    truth, inside = grid_truth(ref_yx, (16, 20), 4)
+    assert truth[1, 2].tolist() == [2.0, 3.0] and truth.dtype == torch.float32
+    assert inside.tolist() == [[False, True, True], [True, True, True]]

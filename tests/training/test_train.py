@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from amsa.training.config import TrainConfig, load_config, param_groups
+from amsa.training.config import TrainConfig, build_dataset, load_config, param_groups
 from amsa.training.loop import train
 from amsa.training.losses import (
     ImageDiscriminator,
@@ -273,11 +273,30 @@ def test_resume_is_bitwise_exact(tmp_path, photo_folder, adversarial, monkeypatc
             assert torch.equal(a, b)
 
 
+def test_a_non_finite_loss_stops_the_run(tmp_path, photo_folder):
+    class NaNRefSR(TinyRefSR):
+        def forward(self, lr, ref):
+            return super().forward(lr, ref) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"^train: non-finite loss at update 0: rec nan"):
+        train(_cfg(tmp_path, photo_folder), model_factory=lambda kw: NaNRefSR(**kw), log=lambda s: None)
+
+
 def test_resume_rejects_a_different_config(tmp_path, photo_folder):
     train(_cfg(tmp_path, photo_folder, updates=1), model_factory=tiny_factory, log=lambda s: None)
     other = _cfg(tmp_path, photo_folder, batch_size=3)
     with pytest.raises(ValueError, match="batch_size"):
         train(other, resume=str(tmp_path / "checkpoint.pt"), model_factory=tiny_factory, log=lambda s: None)
+
+
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"lr_offset_1x": 1e-5}, {"betas": [0.5, 0.999]},
+                                    {"milestones": [2]}, {"lr_gamma": 0.5}, {"amp": "bf16"}])
+def test_resume_rejects_changed_optimiser_settings(tmp_path, photo_folder, change):
+    # the checkpoint's optimiser and schedule states would silently override these
+    train(_cfg(tmp_path, photo_folder, updates=1), model_factory=tiny_factory, log=lambda s: None)
+    with pytest.raises(ValueError, match=f"differs in \\['{next(iter(change))}'\\]"):
+        train(_cfg(tmp_path, photo_folder, **change), resume=str(tmp_path / "checkpoint.pt"),
+              model_factory=tiny_factory, log=lambda s: None)
 
 
 def test_config_errors(tmp_path):
@@ -291,6 +310,34 @@ def test_config_errors(tmp_path):
         TrainConfig(out_dir="o", train_data={"kind": "cufed"}, w_per=0, amp="fp8")
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "missing.json"))
+
+
+_OK = {"out_dir": "o", "train_data": {"kind": "cufed"}, "w_per": 0}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], "must hold a JSON object, got list"),
+    ({"train_data": {"kind": "cufed"}, "w_per": 0}, r"needs the keys \['out_dir'\]"),
+    ({**_OK, "lr": "fast"}, "lr in .* must be a number"),
+    ({**_OK, "betas": 0.9}, "betas in .* list of 2"),
+    ({**_OK, "updates": True}, "updates in .* integer"),
+    ({**_OK, "train_data": []}, "train_data in .* JSON object"),
+])
+def test_bad_config_files_give_one_line_value_errors(tmp_path, doc, message):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message) as info:
+        load_config(str(p))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dataset_entries_name_the_key(photo_folder):
+    with pytest.raises(ValueError, match=r"unknown train_data keys \['gt_sise'\]"):
+        build_dataset({"kind": "self_reference", "folder": photo_folder, "gt_sise": 32}, train=True)
+    with pytest.raises(ValueError, match=r"val_data of kind 'cufed5' needs the keys \['root'\]"):
+        build_dataset({"kind": "cufed5", "levels": [1]}, train=False)
+    with pytest.raises(ValueError, match="val_data must be a JSON object"):
+        build_dataset(["cufed5"], train=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
