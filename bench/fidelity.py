@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from amsa import AMSA, cfe_patchmatch, enumerated_match, patch_similarity
-from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
+from amsa.models.matching_features import FilterBankExtractor
 from bench.common import RESULTS, write_rows
 from bench.official_matching import QUIRKS, official_feature_match, official_scores
 

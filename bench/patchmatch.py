@@ -36,8 +36,8 @@ def features(data: str, size: int, channels: int, batch: int, refs: int, device:
     ``bench.flops.ref_sizes``): the demo pair through the filter bank (C = 64), or smooth random maps
     (bicubic-upsampled noise; the reference a rescaled, shifted crop of the query's source)."""
     if data == "demo":
-        from amsa.demo.features import FilterBankExtractor
         from amsa.demo.pair import demo_pair
+        from amsa.models.matching_features import FilterBankExtractor
 
         pair = demo_pair(hr_size=size)
         ex = FilterBankExtractor()

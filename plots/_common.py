@@ -1,5 +1,5 @@
 """Helpers the figure scripts share: output paths, CSV rows, features of image pairs, seed bands
-(``down_up``, the blur domain of LR-up, is :func:`amsa.demo.features.down_up`)."""
+(``down_up``, the blur domain of LR-up, is :func:`amsa.models.matching_features.down_up`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from amsa.demo.features import down_up
 from amsa.io import load_image
+from amsa.models.matching_features import down_up
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 QUICK_OUT = os.path.join("out", "plots")
@@ -36,7 +36,8 @@ def user_pair(hr_path: str, ref_path: str, size: int) -> tuple[str, torch.Tensor
     """A pair given on the command line: the HR image and a reference, each centre-cropped to at most
     ``size`` pixels per side and to a multiple of 4. Returns (name, LR-up, reference): the query image is
     the HR image bicubic-downsampled 4x and upsampled back, as RefSR's LR-up; the reference stays sharp
-    (features that need it blurred do that themselves: :class:`amsa.demo.features.MatchingFeatures`)."""
+    (features that need it blurred do that themselves:
+    :class:`amsa.models.matching_features.MatchingFeatures`)."""
     crops = []
     for path in (hr_path, ref_path):
         img = load_image(path)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from amsa.demo.features import down_up
 from amsa.demo.pair import demo_pair
 from amsa.grid import cell_centres, grid_truth
 from amsa.io import load_image
+from amsa.models.matching_features import down_up
 from amsa.training.pairs import HomographyPairSet, apply_homography, photo_paths
 
 PAIRS = ("demo", "coffee", "stereo")

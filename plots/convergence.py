@@ -18,11 +18,11 @@ with
 * CFE-PatchMatch with the paper's schedule 1-1-2-6 and the official release's 1-1-1-4, each in the
   paper's propagation form and offset-corrected,
 
-for several seeds, on the features of :func:`amsa.demo.features.default_matching_features` (the learned
-extractor on the 1/4 grid, as AMSA matches; ``--features filter-bank`` for the fixed filter bank at full
-resolution, ``filter-bank-4`` for it on the 1/4 grid), and compares every iteration's state, brought to
-full resolution, with enumerated matching on the same features (:mod:`amsa.demo.convergence` defines the
-MSEs, both iteration counts and the per-kind metrics: pixels whose true correspondence lies inside the
+for several seeds, on the features of :func:`amsa.models.matching_features.default_matching_features`
+(the learned extractor on the 1/4 grid, as AMSA matches; ``--features filter-bank`` for the fixed filter
+bank at full resolution, ``filter-bank-4`` for it on the 1/4 grid), and compares every iteration's state,
+brought to full resolution, with enumerated matching on the same features (:mod:`amsa.demo.convergence`
+defines the MSEs, both iteration counts and the per-kind metrics: pixels whose true correspondence lies inside the
 reference or not, and the % within 2 grid pixels of the truth). Writes per pair ``convergence[_NAME].png``
 (curves against iterations and cumulative FLOPs; mean over seeds, min-max band), ``.csv`` (every curve
 point of every seed) and ``_summary.csv`` (final values per schedule, single-level full-resolution
@@ -43,7 +43,7 @@ import torch
 import amsa
 from amsa.backends import BACKENDS
 from amsa.demo.convergence import CURVE_KEYS, TRUTH_KEYS, convergence_curve, value_at
-from amsa.demo.features import MatchingFeatures, default_matching_features
+from amsa.models.matching_features import MatchingFeatures, default_matching_features
 from bench.common import write_rows
 from plots._common import mean_band, output_dir, parse_ints, user_pair
 from plots._pairs import StudyPair, study_pairs
@@ -242,8 +242,8 @@ FEATURES = ("learned", "filter-bank", "filter-bank-4")
 
 
 def matching_features(kind: str) -> MatchingFeatures:
-    """``learned``: :func:`amsa.demo.features.default_matching_features`; ``filter-bank``: the filter bank
-    at full resolution; ``filter-bank-4``: on the 1/4 grid."""
+    """``learned``: :func:`amsa.models.matching_features.default_matching_features`; ``filter-bank``: the
+    filter bank at full resolution; ``filter-bank-4``: on the 1/4 grid."""
     if kind == "learned":
         return default_matching_features()
     return MatchingFeatures.filter_bank(stride=4 if kind == "filter-bank-4" else 1)

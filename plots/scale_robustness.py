@@ -12,8 +12,8 @@ matched with CFE-PatchMatch (paper schedule 1-1-2-6) against
   the scales by their scores, Eq. 9-10),
 
 every reference taken 4x down and up (the blur domain of LR-up, as in the demo), on the
-:class:`amsa.demo.features.FilterBankExtractor` features. Matching quality, over the query pixels whose true
-correspondence lies inside the reference:
+:class:`amsa.models.matching_features.FilterBankExtractor` features. Matching quality, over the query
+pixels whose true correspondence lies inside the reference:
 
 * ``within_px``: % whose match lies within 2 pixels of the true correspondence, measured in the pixels
   of the reference the match was taken from (the grid the aggregation samples);
@@ -43,9 +43,9 @@ import torch
 
 import amsa
 from amsa.backends import BACKENDS
-from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
 from amsa.io import bicubic_resize, load_image, sample_photo_path
+from amsa.models.matching_features import FilterBankExtractor
 from bench.common import write_rows
 from plots._common import down_up, features, mean_band, output_dir, parse_floats, parse_ints
 

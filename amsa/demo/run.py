@@ -4,9 +4,10 @@ The pair comes from the photo matplotlib ships (:func:`amsa.demo.pair.demo_pair`
 bicubic-downsampled 4x (LR) and upsampled back (LR-up, the query); the reference is an overlapping crop
 of the same photo at another scale and position, taken down and up 4x as well (ref-blur), so both sides
 are matched in the same blur domain, as RefSR methods do. Features come from
-:func:`amsa.demo.features.default_matching_features` unless others are given: the matching extractor
-trained in this repository (its LR branch on LR-up, its reference branch on the sharp reference, as AMSA
-matches, on the 1/4 grid), or the fixed filter bank (both in the blur domain, full resolution). Then
+:func:`amsa.models.matching_features.default_matching_features` unless others are given: the matching
+extractor trained in this repository (its LR branch on LR-up, its reference branch on the sharp reference,
+as AMSA matches, on the 1/4 grid), or the fixed filter bank (both in the blur domain, full resolution).
+Then
 
 * CFE-PatchMatch with the paper's schedule (1, 1, 2, 6 iterations at 1/8, 1/4, 1/2, 1),
 * CFE-PatchMatch with the official release's schedule (1, 1, 1, 4),
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from amsa.demo.convergence import convergence_curve
-from amsa.demo.features import MatchingFeatures, default_matching_features
 from amsa.demo.pair import DemoPair, demo_pair
 from amsa.demo.plots import plot_convergence, plot_correspondences
 from amsa.demo.table import TOLERANCE_PX, MethodResult, format_table, write_csv
 from amsa.matching import Match, cfe_patchmatch, enumerated_match
+from amsa.models.matching_features import MatchingFeatures, default_matching_features
 from amsa.timing import timed
 
 __all__ = ["DemoResult", "run_demo"]
@@ -69,10 +70,10 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo at ``size x size`` (HR crop and reference) and write its outputs to ``out``.
 
-    Features: ``features`` (a :class:`~amsa.demo.features.MatchingFeatures`: LR-up and the reference to
-    a matching grid of its stride), or ``extractor``, a module mapping images ``[1, 3, H, W]`` in
+    Features: ``features`` (a :class:`~amsa.models.matching_features.MatchingFeatures`: LR-up and the
+    reference to a matching grid of its stride), or ``extractor``, a module mapping images ``[1, 3, H, W]`` in
     ``[0, 1]`` to features ``[1, C, H, W]`` at full resolution (applied to LR-up and to the reference
-    taken down and up 4x), or by default :func:`~amsa.demo.features.default_matching_features`.
+    taken down and up 4x), or by default :func:`~amsa.models.matching_features.default_matching_features`.
     ``backend`` and ``seed`` go to :func:`amsa.cfe_patchmatch`. ``device`` defaults to CUDA when
     available. ``log`` receives the printed lines (``None``: silent). Returns the table rows, the table
     text and the written files.

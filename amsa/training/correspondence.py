@@ -5,7 +5,7 @@ Matching runs where AMSA runs it: on the grid of the extractor's features, strid
 pixel), 3x3 patches, cosine relevance (Eq. 1). For every LR-up cell whose true correspondence lies inside
 the reference (its 3x3 patch included), the match of exact enumerated matching and of CFE-PatchMatch
 (paper schedule 1-1-2-6) is compared with the truth; ``within`` is the % at distance <= ``tolerance``
-cells (2 cells = 8 HR pixels). Features come from :class:`amsa.demo.features.MatchingFeatures` (the
+cells (2 cells = 8 HR pixels). Features come from :class:`amsa.models.matching_features.MatchingFeatures` (the
 learned extractor, the filter bank, or a random-weight extractor).
 
 The truth of a cell is where its centre (HR pixel ``4i + 1.5``) lands in the reference, in cells
@@ -124,8 +124,8 @@ def baselines(feature_weights: str) -> dict[str, Callable]:
     used on both sides (seed 0)."""
     import warnings
 
-    from amsa.demo.features import MatchingFeatures
     from amsa.models import ContrasExtractorSep
+    from amsa.models.matching_features import MatchingFeatures
 
     learned = ContrasExtractorSep(weights=feature_weights)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from amsa.demo.features import MatchingFeatures
 from amsa.models import ContrasExtractorSep
+from amsa.models.matching_features import MatchingFeatures
 from amsa.training.base import BaseTrainer, adam, launch, main_run
 from amsa.training.config import load_config
 from amsa.training.contrastive import pair_losses

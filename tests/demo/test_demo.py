@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from amsa.demo.features import FilterBankExtractor
 from amsa.demo.pair import demo_pair
 from amsa.io import bicubic_resize, load_image, save_image
+from amsa.models.matching_features import FilterBankExtractor
 
 # ----------------------------------------------------------------------------------------------------------
 # images

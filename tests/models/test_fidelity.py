@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from amsa import AMSA, cfe_patchmatch
-from amsa.demo.features import FilterBankExtractor
 from amsa.io import load_image, resize, sample_photo_path
+from amsa.models.matching_features import FilterBankExtractor
 from tests.support.references import similarity64
 from tests.support.tolerances import assert_cosines_close, assert_matches_agree, cosine_atol
 

@@ -1,4 +1,6 @@
-"""Matching features without learned weights.
+"""Features of (LR-up, reference) pairs for matching outside the AMSA model: the fixed filter bank, and
+:class:`MatchingFeatures` (the learned extractor or the filter bank on a matching grid), used by the demo,
+the figure scripts and the matching extractor's validation.
 
 :class:`FilterBankExtractor` is the demo's fixed feature extractor: a bank of Gaussian-derivative filters
 (no downloaded weights, nothing trained). The paper matches with a contrastively trained extractor (C2-
