@@ -6,7 +6,7 @@ Semantics are exactly those of ``torchvision.ops.deform_conv2d`` (written out in
 weight gradients (``kernels/deform_conv_bwd.py``); grad_bias is a plain reduction of grad_out.
 
 The kernels read the input channels-last (a copy unless it already is), so that the corners of a block of
-channels are 16-byte vectors; offsets, mask and grad_out contiguous (copies where they are not, e.g. an
+channels are 16-byte vectors; offsets, mask, bias and grad_out contiguous (copies where they are not, e.g. an
 expanded grad_out). Outputs are allocated contiguous inside the ops; grad_input is accumulated in fp32
 channels-last and converted once. Addresses are int64 from the per-sample bases on, so tensors beyond
 2**31 elements are safe.
@@ -100,7 +100,7 @@ def deform_conv2d_fwd(
         return (triton.cdiv(HO * WO, meta["BLOCK_P"]), B * groups * triton.cdiv(cout_per_g, block_n))
 
     wrap_triton(_deform_conv_fwd_kernel)[grid](
-        x, offset.contiguous(), msk, wt, bias if bias is not None else wt, out,
+        x, offset.contiguous(), msk, wt, wt if bias is None else bias.contiguous(), out,
         H, W, HO, WO, c_per_g, cout_per_g, groups, G, *x.stride(),
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, HAS_BIAS=int(bias is not None), BLOCK_N=block_n,

@@ -120,10 +120,18 @@ def non_contiguous(t: dict) -> dict:
     return nc
 
 
+def copy_keeping_strides(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides, also where they are not dense (a strided bias or mask: ``clone``
+    would make those contiguous, and the kernels would never see the layout a test asks for)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def run(fn, t, conv, grad_out=None, **kw):
-    """Forward and (with grad_out) backward; returns {"out": ..., "input": grad, ...}."""
+    """Forward and (with grad_out) backward on leaf copies of t that keep its layouts; returns
+    {"out": ..., "input": grad, ...}."""
     grad = grad_out is not None
-    leaves = {n: (None if v is None else v.detach().clone().requires_grad_(grad)) for n, v in t.items()}
+    leaves = {n: (None if v is None else copy_keeping_strides(v.detach()).requires_grad_(grad))
+              for n, v in t.items()}
     out = fn(
         leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], conv["stride"], conv["padding"],
         conv["dilation"], leaves["mask"], **kw,
