@@ -23,7 +23,7 @@ interpret = pytest.mark.interpret
 
 
 TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide",
-                "wide_out"]
+                "wide_out", "uneven_segments"]
 
 
 @needs_triton

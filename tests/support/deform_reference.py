@@ -74,6 +74,10 @@ CASES = {
     # more output channels than one block of the interpreter's kernels (16): several output blocks in the
     # forward, grad_out read block by block in the data gradient; offset groups of 16 and 4 channels
     "wide_out": (2, 20, 4, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 1, 5, True, True),
+    # offset groups meeting unequal numbers of weight groups (channels 0-3 | 4-7 | 8-11 over groups 0-5 |
+    # 6-11): the first and last offset groups have an empty second segment, the last one's past the last
+    # weight group
+    "uneven_segments": (2, 12, 4, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, True, True),
 }
 
 
