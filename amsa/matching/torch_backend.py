@@ -50,9 +50,8 @@ class TorchLevel:
 
     def __init__(self, query: torch.Tensor, ref: torch.Tensor):
         B, C, hq, wq = query.shape
-        self.B, self.C = B, C
         self.qsize, self.rsize = (hq, wq), tuple(ref.shape[-2:])
-        hr, wr = self.rsize
+        wr = self.rsize[1]
         acc = acc_dtype(query)
         self.qrows, self.rrows = _pad_flat(query.to(acc)), _pad_flat(ref.to(acc))
         self.qnorm = F.pad(patch_norms(query), (1, 1, 1, 1)).reshape(-1)
