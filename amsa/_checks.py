@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-#: Feature dtypes of the matcher (float64 for reference checks and gradcheck).
+#: Feature dtypes of the matcher and of the numba kernels (float64 for reference checks and gradcheck; the
+#: kernels widen float16 and bfloat16 to float32).
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -16,9 +16,12 @@ import warnings
 
 import torch
 
+from amsa._checks import FEATURE_DTYPES
+
 BACKENDS = ("auto", "torch", "triton", "numba")
-#: Feature dtypes of the CPU kernels (float16 and bfloat16 are widened to float32 first).
-NUMBA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Floating-point dtypes the Triton kernels take (kept here, not in ``kernels._common``: checking them must
+#: not import triton). The CPU kernels take :data:`amsa._checks.FEATURE_DTYPES`.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _common = None  # kernels._common once imported; False where Triton is not available
 _cpu = None  # kernels._cpu once imported; else why it could not be (a string)
@@ -67,7 +70,7 @@ def triton_unavailable(device: torch.device, dtype: torch.dtype) -> tuple[type[E
     common = _kernels()
     if common is None:
         return RuntimeError, "backend='triton' but Triton is not available"
-    if dtype not in common.KERNEL_DTYPES:
+    if dtype not in TRITON_DTYPES:
         return TypeError, f"backend='triton' takes float32, float16 or bfloat16, got {dtype}"
     if device.type != "cuda" and not common.INTERPRET:
         return ValueError, ("backend='triton' needs CUDA tensors (on CPU only with TRITON_INTERPRET=1, set "
@@ -83,7 +86,7 @@ def numba_unavailable(device: torch.device, dtype: torch.dtype) -> tuple[type[Ex
                               "(pip install numba) or use backend='torch'")
     if device.type != "cpu":
         return ValueError, f"backend='numba' needs CPU tensors, got {device.type} tensors"
-    if dtype not in NUMBA_DTYPES:
+    if dtype not in FEATURE_DTYPES:
         return TypeError, f"backend='numba' takes float32, float16, bfloat16 or float64, got {dtype}"
     return None
 
@@ -92,7 +95,7 @@ def _auto_cpu(dtype: torch.dtype) -> str:
     """``"auto"`` on CPU: numba, except for float64 (the PyTorch reference path) or without numba (one
     warning per process)."""
     global _warned_fallback
-    if dtype == torch.float64 or dtype not in NUMBA_DTYPES:
+    if dtype == torch.float64 or dtype not in FEATURE_DTYPES:
         return "torch"
     if _cpu_kernels() is not None:
         return "numba"

@@ -62,6 +62,10 @@ def _check(
         )
     B, C, H, W = input.shape
     Cout, c_per_g, kh, kw = weight.shape
+    if C == 0:
+        raise ValueError(f"deform_conv2d: input must have Cin > 0 channels, got {_shape(input)}")
+    if kh == 0 or kw == 0:
+        raise ValueError(f"deform_conv2d: weight must have kh, kw >= 1, got {_shape(weight)}")
     if c_per_g == 0 or C % c_per_g != 0:
         raise ValueError(
             f"deform_conv2d: weight must be [Cout, Cin/groups, kh, kw] with Cin/groups dividing Cin={C}, "

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
 from kernels._outputs import alloc, alloc_like
 
-__all__ = ["INTERPRET", "KERNEL_DTYPES", "alloc", "alloc_like", "dot"]
+__all__ = ["INTERPRET", "alloc", "alloc_like", "dot"]
 
 #: Kernels run in the Triton interpreter (CPU, tests). Triton reads TRITON_INTERPRET when a kernel is
 #: decorated, i.e. when the kernel files are imported, so this is read once, at the same time.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-#: Floating-point dtypes the kernels take.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The interpreter (triton 3.6) multiplies the raw uint16 storage of bf16 operands in tl.dot; there the
 # operands are widened to fp32 first, which gives the same exact products and fp32 accumulation.

@@ -30,7 +30,7 @@ import torch
 from numba import prange
 
 from kernels._cpu import helper, kernel, launch
-from kernels._deform_autograd import backward_fake, register_autograd
+from kernels._deform_autograd import backward_fake, not_requested, register_autograd
 from kernels._outputs import alloc
 
 __all__ = ["cpu_deform_conv2d_bwd", "cpu_deform_conv2d_fwd"]
@@ -296,19 +296,18 @@ def cpu_deform_conv2d_bwd(
     grad_out: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None,
     weight: torch.Tensor, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
     need_input: bool, need_offset_mask: bool, need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (grad_input, grad_offset, grad_mask, grad_weight, grad_bias). Gradients that are not
-    requested (``need_*`` False, or grad_mask without a mask) come back as empty tensors."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (grad_input, grad_offset, grad_mask, grad_weight). Gradients that are not requested
+    (``need_*`` False, or grad_mask without a mask) come back as empty tensors."""
     pr = _Problem(input, offset, mask, weight, (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w))
     B, C, H, W = input.shape
     g_out, dev, calc = pr.cout_per_g, input.device, pr.calc
     need_mask = need_offset_mask and mask is not None
     go = grad_out.reshape(B, -1, pr.L)
     wg = pr.weight_by_group(weight)
-    empty = lambda: input.new_empty((0,))  # distinct empty tensors: a custom op's outputs must not alias
-    grad_input = alloc(tuple(input.shape), input.dtype, dev) if need_input else empty()
-    grad_offset = alloc(tuple(offset.shape), offset.dtype, dev) if need_offset_mask else empty()
-    grad_mask = alloc(tuple(mask.shape), mask.dtype, dev) if need_mask else empty()
+    grad_input = alloc(tuple(input.shape), input.dtype, dev) if need_input else not_requested(input)
+    grad_offset = alloc(tuple(offset.shape), offset.dtype, dev) if need_offset_mask else not_requested(input)
+    grad_mask = alloc(tuple(mask.shape), mask.dtype, dev) if need_mask else not_requested(input)
     gw = torch.zeros(pr.groups, g_out, pr.width, dtype=calc, device=dev) if need_weight else None
     gcol = alloc((pr.tile, pr.groups, pr.width), calc, dev)
     col = alloc((pr.tile, pr.groups, pr.width), calc, dev) if need_weight else None
@@ -340,12 +339,11 @@ def cpu_deform_conv2d_bwd(
             grad_offset[b] = goff.T.reshape(offset.shape[1:])
         if need_mask:
             grad_mask[b] = gmsk.T.reshape(mask.shape[1:])
-    grad_weight = empty()
+    grad_weight = not_requested(input)
     if need_weight:
         grad_weight = gw.view(pr.groups, g_out, pr.kk, pr.c_per_g).permute(0, 1, 3, 2).reshape(weight.shape)
         grad_weight = grad_weight.to(weight.dtype, memory_format=torch.contiguous_format)
-    grad_bias = grad_out.sum((0, 2, 3), dtype=calc).to(grad_out.dtype)
-    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+    return grad_input, grad_offset, grad_mask, grad_weight
 
 
 cpu_deform_conv2d_bwd.register_fake(backward_fake)

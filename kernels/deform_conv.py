@@ -3,10 +3,11 @@
 Semantics are exactly those of ``torchvision.ops.deform_conv2d`` (written out in
 ``kernels/deform_conv_fwd.py``). Three kernels, none of which materialises the column tensor ``col``
 (C * kh * kw * Ho * Wo): the forward implicit GEMM (``kernels/deform_conv_fwd.py``), and the data and
-weight gradients (``kernels/deform_conv_bwd.py``); grad_bias is a plain reduction of grad_out.
+weight gradients (``kernels/deform_conv_bwd.py``); grad_bias, a plain reduction of grad_out, is taken by
+the autograd glue (``kernels/_deform_autograd.py``).
 
 The kernels read the input channels-last (a copy unless it already is), so that the corners of a block of
-channels are 16-byte vectors; offsets, mask and grad_out contiguous (copies where they are not, e.g. an
+channels are 16-byte vectors; offsets, mask, bias and grad_out contiguous (copies where they are not, e.g. an
 expanded grad_out). Outputs are allocated contiguous inside the ops; grad_input is accumulated in fp32
 channels-last and converted once. Addresses are int64 from the per-sample bases on, so tensors beyond
 2**31 elements are safe.
@@ -19,7 +20,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import INTERPRET, alloc
-from kernels._deform_autograd import backward_fake, register_autograd
+from kernels._deform_autograd import backward_fake, not_requested, register_autograd
 from kernels.deform_conv_bwd import _deform_conv_bwd_data_kernel, _deform_conv_bwd_weight_kernel
 from kernels.deform_conv_fwd import _deform_conv_fwd_kernel
 
@@ -100,7 +101,7 @@ def deform_conv2d_fwd(
         return (triton.cdiv(HO * WO, meta["BLOCK_P"]), B * groups * triton.cdiv(cout_per_g, block_n))
 
     wrap_triton(_deform_conv_fwd_kernel)[grid](
-        x, offset.contiguous(), msk, wt, bias if bias is not None else wt, out,
+        x, offset.contiguous(), msk, wt, wt if bias is None else bias.contiguous(), out,
         H, W, HO, WO, c_per_g, cout_per_g, groups, G, *x.stride(),
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, HAS_BIAS=int(bias is not None), BLOCK_N=block_n,
@@ -121,12 +122,12 @@ def deform_conv2d_bwd(
     pad_w: int,
     dil_h: int,
     dil_w: int,
-    need_input: int,
-    need_offset_mask: int,
-    need_weight: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (grad_input, grad_offset, grad_mask, grad_weight, grad_bias). Gradients that are not
-    requested (``need_*`` = 0, or grad_mask without a mask) come back as empty tensors."""
+    need_input: bool,
+    need_offset_mask: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (grad_input, grad_offset, grad_mask, grad_weight). Gradients that are not requested
+    (``need_*`` False, or grad_mask without a mask) come back as empty tensors."""
     B, C, H, W, HO, WO, Cout, c_per_g, cout_per_g, groups, G, KH, KW = _geometry(input, offset, weight)
     KK = KH * KW
     dev = input.device
@@ -137,8 +138,7 @@ def deform_conv2d_bwd(
     convs = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     block_n = _n_block(cout_per_g)
     p_tiles_of = lambda block_p: triton.cdiv(HO * WO, block_p)
-    # Distinct empty tensors: outputs of a custom op must not alias each other.
-    grad_input, grad_offset, grad_mask, grad_weight = (input.new_empty((0,)) for _ in range(4))
+    grad_input, grad_offset, grad_mask, grad_weight = (not_requested(input) for _ in range(4))
 
     if need_input or need_offset_mask:
         wt = _permuted_weight(weight, groups)
@@ -156,7 +156,7 @@ def deform_conv2d_bwd(
         wrap_triton(_deform_conv_bwd_data_kernel)[(p_tiles_of(block_p), B * G * nseg * csplit)](
             gout, x, off, msk, wt, gx, goff, gmsk,
             B, H, W, HO, WO, c_per_g, cout_per_g, groups, G, csplit, nseg, *x.stride(), *convs,
-            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, NEED_GRAD_INPUT=int(bool(need_input)),
+            C_PER_OG=C // G, KH=KH, KW=KW, HAS_MASK=has_mask, NEED_GRAD_INPUT=int(need_input),
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_C=block_c, ONE_N=int(cout_per_g <= block_n),
         )
         if need_input:
@@ -181,11 +181,10 @@ def deform_conv2d_bwd(
         )
         grad_weight = gw.sum(0).reshape(Cout, c_per_g, KH, KW).to(weight.dtype)
 
-    grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
-    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+    return grad_input, grad_offset, grad_mask, grad_weight
 
 
-register_autograd(deform_conv2d_fwd, deform_conv2d_bwd, flag=int)
+register_autograd(deform_conv2d_fwd, deform_conv2d_bwd)
 
 
 def _fwd_fake(input, offset, mask, weight, bias, *conv) -> torch.Tensor:

@@ -77,7 +77,9 @@ def _deform_conv_bwd_data_kernel(
     p_ok = offs_p < HOWO
     ho = offs_p // WO
     wo = offs_p % WO
-    # This program's channels: offset group og within weight group gr (empty past the group's segments).
+    # This program's channels: offset group og within weight group gr. A group meeting fewer than NSEG
+    # weight groups has empty segments (c_lo >= c_hi), whose gr may be past the last group: nothing of
+    # such a program's weight group is read (its slot gets zeros).
     c_og = og * C_PER_OG
     gr = c_og // C_PER_G + seg
     c_lo = tl.maximum(c_og, gr * C_PER_G)
@@ -89,8 +91,9 @@ def _deform_conv_bwd_data_kernel(
     gx_b = gx_ptr + b * sxb  # grad_input has the (channels-last) layout of x
     offs_n = tl.arange(0, BLOCK_N)
     if ONE_N:
+        n_load = tl.where(c_lo < c_hi, COUT_PER_G, 0)  # an empty segment reads no grad_out
         gout = tl.load(go_b + offs_n[None, :] * HOWO + offs_p[:, None],
-                       mask=p_ok[:, None] & (offs_n < COUT_PER_G)[None, :], other=0.0)
+                       mask=p_ok[:, None] & (offs_n < n_load)[None, :], other=0.0)
 
     for k in range(KK):
         o00, lh, lw, m, ok_h0, ok_h1, ok_w0, ok_w1 = sample_geometry(

@@ -7,7 +7,7 @@ torchvision's. Points are fp32.
 The input is read channels-last (unit channel stride), so a corner of a block of channels is one
 16-byte-vector load per lane. The geometry of a sample (its corner offsets, bilinear weights and which
 corners exist) depends only on the pixel, the tap and the offset group: :func:`sample_geometry` computes it
-once, and every channel block of the group reuses it (:func:`corner_values`, :func:`blend`).
+once, and every channel block of the group reuses it (:func:`corner_values`, :func:`sample_block`).
 """
 
 from __future__ import annotations

@@ -5,17 +5,11 @@ the counterpart of :mod:`amsa.matching.triton_backend`, with the same interface.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from amsa.matching.torch_backend import acc_dtype, patch_norms
+from amsa.matching.torch_backend import acc_dtype, concatenated_refs, pad_channels_last, patch_norms
 from kernels.cpu_patchmatch import cpu_patch_score, cpu_patchmatch_step
 
 __all__ = ["CPULevel"]
-
-
-def _padded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, C, h, w] -> zero-padded channels-last [B, h+2, w+2, C] in ``dtype``, contiguous."""
-    return F.pad(x.to(dtype), (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()
 
 
 class CPULevel:
@@ -26,15 +20,11 @@ class CPULevel:
 
     def __init__(self, query: torch.Tensor, refs: list[torch.Tensor]):
         acc = acc_dtype(query)
-        self.query = _padded(query, acc)
+        self.query = pad_channels_last(query.to(acc))
         self.qnorm = patch_norms(query).contiguous()
-        padded = [_padded(r, acc).reshape(-1) for r in refs]
-        self.ref = torch.cat(padded)
-        self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
-        first = [sum(p.numel() for p in padded[:i]) for i in range(len(refs))]
-        first_norm = [sum(r.shape[0] * r.shape[2] * r.shape[3] for r in refs[:i]) for i in range(len(refs))]
-        meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_norm, refs)]
-        self.ref_meta = torch.tensor(meta, dtype=torch.int64)
+        # The kernels address the maps in elements.
+        padded = [pad_channels_last(r.to(acc)) for r in refs]
+        self.ref, self.rnorm, self.ref_meta = concatenated_refs(padded, refs, 1)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for positions [R, B, hq, wq, 2] -> scores [R, B, hq, wq]."""

@@ -17,7 +17,7 @@ from amsa._checks import (
     check_same,
     check_tensor,
 )
-from amsa.backends import choose_backend
+from amsa.backends import TRITON_DTYPES, choose_backend
 from amsa.matching.schedule import enumerated_flops
 from amsa.matching.torch_backend import normalise_rows, unfold_normalised
 from amsa.matching.types import Match
@@ -26,8 +26,6 @@ __all__ = ["enumerated_match", "matmul_argmax"]
 
 # Candidates per query patch that the bf16 mode of enumerated matching re-scores in fp32.
 RESCORE_TOP = 8
-# Row dtypes of the fused kernel.
-ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def enumerated_match(query: torch.Tensor, ref, *, chunk: int | None = None, precision: str = "fp32"):
@@ -86,7 +84,7 @@ def _unfold_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def _check_rows(x, name: str) -> None:
     check_tensor(x, name, 3, "[B, N, D]")
-    check_dtype(x, name, ROW_DTYPES, "float32, float16 or bfloat16")
+    check_dtype(x, name, TRITON_DTYPES, "float32, float16 or bfloat16")
     if 0 in x.shape:
         raise ValueError(f"{name} must have B, N and D > 0, got shape {tuple(x.shape)}")
 

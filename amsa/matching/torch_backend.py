@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from amsa.matching.schedule import NEIGHBOURS, TAPS
 
-__all__ = ["TorchLevel", "TorchLevels", "acc_dtype", "normalise_rows", "patch_norms", "unfold_normalised"]
+__all__ = [
+    "TorchLevel", "TorchLevels", "acc_dtype", "concatenated_refs", "normalise_rows", "pad_channels_last",
+    "patch_norms", "unfold_normalised",
+]
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,15 +23,29 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _pad_flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> zero-padded channels-last rows [B*(h+2)*(w+2), C]."""
-    return F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous().view(-1, x.shape[1])
+def pad_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> zero-padded channels-last [B, h+2, w+2, C], contiguous."""
+    return F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()
 
 
 def patch_norms(x: torch.Tensor) -> torch.Tensor:
     """||x_j|| of every 3x3 patch (zero padding), accumulated in fp32: [B, C, h, w] -> [B, h, w]."""
     sq = x.to(acc_dtype(x)).square().sum(1, keepdim=True)
     return (F.avg_pool2d(sq, 3, stride=1, padding=1, count_include_pad=True) * 9).clamp_min(0).sqrt()[:, 0]
+
+
+def concatenated_refs(padded: list[torch.Tensor], refs: list[torch.Tensor], unit: int) -> tuple:
+    """One level's references as the fused kernels (Triton and numba) take them: (the padded maps
+    ``padded``, one contiguous map per reference in the kernel's layout, flattened end to end (one map in
+    place); the patch norms of ``refs`` end to end; int64 meta [R, 4] per reference: its first element in
+    the maps counted in ``unit``-element steps, its first norm, h, w)."""
+    flat = [p.view(-1) for p in padded]
+    maps = torch.cat(flat) if len(flat) > 1 else flat[0]
+    norms = torch.cat([patch_norms(r).reshape(-1) for r in refs])
+    first = [sum(p.numel() for p in flat[:i]) // unit for i in range(len(refs))]
+    first_norm = [sum(r.shape[0] * r.shape[2] * r.shape[3] for r in refs[:i]) for i in range(len(refs))]
+    meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_norm, refs)]
+    return maps, norms, torch.tensor(meta, dtype=torch.int64, device=maps.device)
 
 
 def normalise_rows(u: torch.Tensor) -> torch.Tensor:
@@ -50,11 +67,11 @@ class TorchLevel:
 
     def __init__(self, query: torch.Tensor, ref: torch.Tensor):
         B, C, hq, wq = query.shape
-        self.B, self.C = B, C
         self.qsize, self.rsize = (hq, wq), tuple(ref.shape[-2:])
-        hr, wr = self.rsize
+        wr = self.rsize[1]
         acc = acc_dtype(query)
-        self.qrows, self.rrows = _pad_flat(query.to(acc)), _pad_flat(ref.to(acc))
+        self.qrows = pad_channels_last(query.to(acc)).view(-1, C)
+        self.rrows = pad_channels_last(ref.to(acc)).view(-1, C)
         self.qnorm = F.pad(patch_norms(query), (1, 1, 1, 1)).reshape(-1)
         self.rnorm = F.pad(patch_norms(ref), (1, 1, 1, 1)).reshape(-1)
         self.qtaps = torch.tensor([dy * (wq + 2) + dx for dy, dx in TAPS], device=query.device)

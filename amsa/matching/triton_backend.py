@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from amsa.matching.torch_backend import patch_norms
+from amsa.matching.torch_backend import concatenated_refs, patch_norms
 from kernels.patchmatch import PaddedLayout, pad_map, patch_score, patchmatch_step
 
 __all__ = ["TritonLevel"]
@@ -25,16 +25,8 @@ class TritonLevel:
         cp = PaddedLayout(query.shape[1], query.element_size()).CP
         self.query = pad_map(query, cp)
         self.qnorm = patch_norms(query).contiguous()
-        padded = [pad_map(r, cp).view(-1) for r in refs]
-        self.ref = torch.cat(padded) if len(padded) > 1 else padded[0]
-        self.rnorm = torch.cat([patch_norms(r).reshape(-1) for r in refs])
-        first = [0]  # first padded pixel of each reference in self.ref
-        first_n = [0]  # its first norm in self.rnorm
-        for p, r in zip(padded, refs):
-            first.append(first[-1] + p.numel() // cp)
-            first_n.append(first_n[-1] + r.shape[0] * r.shape[2] * r.shape[3])
-        meta = [[f, n, r.shape[2], r.shape[3]] for f, n, r in zip(first, first_n, refs)]
-        self.ref_meta = torch.tensor(meta, dtype=torch.int64, device=query.device)
+        # The kernels address the maps in padded pixels of cp channels.
+        self.ref, self.rnorm, self.ref_meta = concatenated_refs([pad_map(r, cp) for r in refs], refs, cp)
 
     def score_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for positions [R, B, hq, wq, 2] -> scores [R, B, hq, wq]."""

@@ -197,6 +197,9 @@ def test_module():
         (lambda a: a.update(bias=a["bias"][:-1]), r"bias must be \[Cout\] = \[3\]"),
         (lambda a: a.update(weight=a["weight"][:, :3]), r"weight must be \[Cout, Cin/groups, kh, kw\]"),
         (lambda a: a.update(input=a["input"][0]), r"input must be 4-D \[B, Cin, H, W\], got shape \(4, 5,"),
+        (lambda a: a.update(input=a["input"][:, :0]), r"input must have Cin > 0 channels, got \[2, 0, 5,"),
+        (lambda a: a.update(weight=a["weight"][:, :, :0]), r"weight must have kh, kw >= 1, got \[3, 4, 0, 3"),
+        (lambda a: a.update(weight=a["weight"][..., :0]), r"weight must have kh, kw >= 1, got \[3, 4, 3, 0"),
         (lambda a: a.update(mask=a["mask"].float()), r"mask is torch.float32 but input is torch.float64"),
         (lambda a: a.update(stride=0), r"stride >= 1"),
         (lambda a: a.update(stride=(1, 2, 3)), r"stride must be an int or a pair"),
@@ -215,9 +218,11 @@ def test_bad_input_names_argument(change, match):
 
 
 def test_autocast_runs_in_autocast_dtype():
+    """Under autocast the op casts every operand to the autocast dtype: the PyTorch path then gives what it
+    gives for bf16 operands, bitwise (the same backend on the same shapes)."""
     t, conv = make_problem("3x3", dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run(deform_conv2d, t, conv)["out"]
+        out = run(deform_conv2d, t, conv, backend="torch")["out"]
     assert out.dtype == torch.bfloat16
     want = run(deform_conv2d_torch, {n: v.bfloat16() for n, v in t.items()}, conv)["out"]
     torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -23,7 +23,7 @@ interpret = pytest.mark.interpret
 
 
 TRITON_CASES = ["3x3", "1x1", "2x3_stride_dil", "groups", "offset_groups_nomask", "groups_straddle", "wide",
-                "wide_out"]
+                "wide_out", "uneven_segments"]
 
 
 @needs_triton
@@ -146,8 +146,8 @@ def test_opcheck_backward():
     x, offset, mask, weight = args[:4]
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for bwd_args in (
-        (gout, x, offset, mask, weight, *args[5:], 1, 1, 1),
-        (gout, x, offset, None, weight, *args[5:], 0, 1, 0),  # no mask, only grad_offset requested
+        (gout, x, offset, mask, weight, *args[5:], True, True, True),
+        (gout, x, offset, None, weight, *args[5:], False, True, False),  # no mask, only grad_offset requested
     ):
         torch.library.opcheck(torch.ops.amsa.deform_conv2d_bwd.default, bwd_args, test_utils=utils)
 

@@ -74,6 +74,10 @@ CASES = {
     # more output channels than one block of the interpreter's kernels (16): several output blocks in the
     # forward, grad_out read block by block in the data gradient; offset groups of 16 and 4 channels
     "wide_out": (2, 20, 4, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 1, 5, True, True),
+    # offset groups meeting unequal numbers of weight groups (channels 0-3 | 4-7 | 8-11 over groups 0-5 |
+    # 6-11): the first and last offset groups have an empty second segment, the last one's past the last
+    # weight group
+    "uneven_segments": (2, 12, 4, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, True, True),
 }
 
 
@@ -120,10 +124,18 @@ def non_contiguous(t: dict) -> dict:
     return nc
 
 
+def copy_keeping_strides(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides, also where they are not dense (a strided bias or mask: ``clone``
+    would make those contiguous, and the kernels would never see the layout a test asks for)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def run(fn, t, conv, grad_out=None, **kw):
-    """Forward and (with grad_out) backward; returns {"out": ..., "input": grad, ...}."""
+    """Forward and (with grad_out) backward on leaf copies of t that keep its layouts; returns
+    {"out": ..., "input": grad, ...}."""
     grad = grad_out is not None
-    leaves = {n: (None if v is None else v.detach().clone().requires_grad_(grad)) for n, v in t.items()}
+    leaves = {n: (None if v is None else copy_keeping_strides(v.detach()).requires_grad_(grad))
+              for n, v in t.items()}
     out = fn(
         leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], conv["stride"], conv["padding"],
         conv["dilation"], leaves["mask"], **kw,
