@@ -22,8 +22,9 @@ for several seeds, on the features of :func:`amsa.models.matching_features.defau
 (the learned extractor on the 1/4 grid, as AMSA matches; ``--features filter-bank`` for the fixed filter
 bank at full resolution, ``filter-bank-4`` for it on the 1/4 grid), and compares every iteration's state,
 brought to full resolution, with enumerated matching on the same features (:mod:`amsa.demo.convergence`
-defines the MSEs, both iteration counts and the per-kind metrics: pixels whose true correspondence lies inside the
-reference or not, and the % within 2 grid pixels of the truth). Writes per pair ``convergence[_NAME].png``
+defines the MSEs, both iteration counts and the per-kind metrics: pixels whose true correspondence lies
+inside the reference or not, and the % within 2 grid pixels of the truth). Writes per pair
+``convergence[_NAME].png``
 (curves against iterations and cumulative FLOPs; mean over seeds, min-max band), ``.csv`` (every curve
 point of every seed) and ``_summary.csv`` (final values per schedule, single-level full-resolution
 PatchMatch at CFE's final FLOP count, and the FLOPs from which single-level stays ahead of CFE).
